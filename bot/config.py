@@ -1,0 +1,135 @@
+"""Settings from the environment and `.env` (every field is listed in `.env.example`)."""
+
+from __future__ import annotations
+
+import json
+from functools import cached_property
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+ModelFormat = Literal["gptq", "awq", "gguf", "hf", "openai"]
+
+
+class GenerationDefaults(BaseModel):
+    """Sampling defaults of one model profile; temperature 0 means greedy."""
+
+    max_new_tokens: int = 256
+    temperature: float = 0.7
+    top_p: float = 0.9
+    repetition_penalty: float = 1.1
+
+
+class ModelProfile(BaseModel):
+    """One model the bot can serve: where it lives and how to run it."""
+
+    name: str
+    format: ModelFormat
+    path: str | None = None  # local folder/file; relative paths are under MODELS_DIR
+    hub_id: str | None = None
+    gguf_file: str | None = None
+    base_url: str | None = None  # format "openai"
+    remote_model: str | None = None
+    api_key: SecretStr | None = None
+    tokenizer: str | None = None  # local tokenizer for counting (format "openai")
+    context_length: int | None = None
+    generation: GenerationDefaults = Field(default_factory=GenerationDefaults)
+    description: str = ""
+
+    def resolved_path(self, models_dir: Path) -> Path | None:
+        if self.path is None:
+            return None
+        p = Path(self.path).expanduser()
+        return p if p.is_absolute() else models_dir / p
+
+
+def embedded_profiles() -> list[ModelProfile]:
+    """The three builds `python -m bot models prepare` makes from the SmolLM2 GGUF."""
+    greedy = GenerationDefaults(max_new_tokens=256, temperature=0.3, top_p=0.9, repetition_penalty=1.1)
+    return [
+        ModelProfile(name="smollm2-gptq", format="gptq", path="smollm2-135m-gptq", generation=greedy,
+                     description="SmolLM2-135M-Instruct, GPTQ 4-bit (Transformers)"),
+        ModelProfile(name="smollm2-awq", format="awq", path="smollm2-135m-awq", generation=greedy,
+                     description="SmolLM2-135M-Instruct, AWQ 4-bit GEMM (Transformers)"),
+        ModelProfile(name="smollm2-gguf", format="gguf", path="smollm2-135m-gguf/SmolLM2-135M-Instruct.Q4_1.gguf",
+                     generation=greedy, description="SmolLM2-135M-Instruct, GGUF Q4_1 (llama.cpp)"),
+    ]
+
+
+def _csv(value: object) -> object:
+    if isinstance(value, str):
+        return [v.strip() for v in value.split(",") if v.strip()]
+    return value
+
+
+CsvList = Annotated[list[str], NoDecode]
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_file=".env", env_file_encoding="utf-8", extra="ignore")
+
+    # --- models ---
+    models_dir: Path = Path("~/.cache/quantbot/models").expanduser()
+    default_model: str = "smollm2-gptq"
+    models_file: Path | None = None  # JSON list of extra ModelProfile objects
+    max_new_tokens: int | None = None  # overrides every profile when set
+    temperature: float | None = None
+    top_p: float | None = None
+    repetition_penalty: float | None = None
+    torch_threads: int | None = None
+
+    # --- core ---
+    database_url: str = "sqlite+aiosqlite:///data/quantbot.db"
+    system_prompt: str = "You are a helpful, concise assistant."
+    queue_max: int = 32  # waiting requests across all chats; more get "busy, try again"
+    reply_timeout_s: float = 300.0
+    log_level: str = "WARNING"
+    log_json: bool = False
+
+    # --- access (platform user ids / chat ids; empty = everyone allowed) ---
+    allowed_users: CsvList = Field(default_factory=list)
+    allowed_chats: CsvList = Field(default_factory=list)
+    admin_users: CsvList = Field(default_factory=list)
+
+    # --- telegram ---
+    telegram_bot_token: SecretStr | None = None
+    telegram_api_base_url: str = "https://api.telegram.org/bot"
+    telegram_edit_interval_private_s: float = 1.0
+    telegram_edit_interval_group_s: float = 3.0
+
+    # --- discord ---
+    discord_bot_token: SecretStr | None = None
+    discord_guild_ids: CsvList = Field(default_factory=list)
+    discord_allowed_roles: CsvList = Field(default_factory=list)
+    discord_allowed_channels: CsvList = Field(default_factory=list)
+    discord_edit_interval_s: float = 1.0
+
+    # --- remote engine ---
+    remote_concurrency: int = 4
+
+    _csv_fields = field_validator(
+        "allowed_users", "allowed_chats", "admin_users", "discord_guild_ids",
+        "discord_allowed_roles", "discord_allowed_channels", mode="before",
+    )(_csv)
+
+    @cached_property
+    def profiles(self) -> dict[str, ModelProfile]:
+        """Embedded builds plus any from MODELS_FILE (same name overrides)."""
+        found = {p.name: p for p in embedded_profiles()}
+        if self.models_file and Path(self.models_file).exists():
+            for raw in json.loads(Path(self.models_file).read_text()):
+                p = ModelProfile.model_validate(raw)
+                found[p.name] = p
+        return found
+
+    def generation_for(self, profile: ModelProfile) -> GenerationDefaults:
+        """A profile's sampling defaults with the global overrides applied."""
+        overrides = {
+            k: v for k, v in {
+                "max_new_tokens": self.max_new_tokens, "temperature": self.temperature,
+                "top_p": self.top_p, "repetition_penalty": self.repetition_penalty,
+            }.items() if v is not None
+        }
+        return profile.generation.model_copy(update=overrides)

@@ -1,0 +1,1 @@
+"""Platform-neutral core: chat service, generation queue, prompt building."""

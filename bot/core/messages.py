@@ -1,0 +1,48 @@
+"""What adapters hand to the chat service, and the sink they implement to show the reply."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Protocol
+
+
+class ReplyStatus(StrEnum):
+    COMPLETE = "complete"
+    CANCELLED = "cancelled"  # /stop, shutdown
+    FAILED = "failed"  # engine error, time limit
+    INCOMPLETE = "incomplete"  # process died mid-reply (found at start-up)
+
+
+@dataclass(frozen=True)
+class IncomingMessage:
+    """One message from a person, already judged by the adapter (mentions, access)."""
+
+    platform: str  # "telegram", "discord", "terminal"
+    chat_id: str  # per-platform conversation key (chat, chat:topic, channel, thread, DM)
+    user_id: str
+    user_name: str
+    text: str
+    is_allowed: bool = True
+    is_admin: bool = True  # adapters set False when admins are configured and this user is not one
+
+
+class ReplySink(Protocol):
+    """Implemented by each adapter; the service calls these in order for one message.
+
+    For a prompt: `queued`* -> `started` -> `update`* -> `finish`, or `error` at any point.
+    For a command: `notice` once. `update` always gets the full text so far; throttling edits is
+    the adapter's job.
+    """
+
+    async def queued(self, position: int, eta_s: float | None) -> None: ...
+
+    async def started(self) -> None: ...
+
+    async def update(self, text: str) -> None: ...
+
+    async def finish(self, text: str, status: ReplyStatus) -> None: ...
+
+    async def error(self, message: str) -> None: ...
+
+    async def notice(self, text: str) -> None: ...
