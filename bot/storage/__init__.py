@@ -1,0 +1,1 @@
+"""Chat history storage: SQLAlchemy 2 (async) models, the store API, and Alembic migrations."""
