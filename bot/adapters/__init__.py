@@ -1,0 +1,1 @@
+"""Chat platform adapters (Telegram, Discord, terminal) and the helpers they share."""
