@@ -74,6 +74,7 @@ class Settings(BaseSettings):
     models_dir: Path = Path("~/.cache/quantbot/models").expanduser()
     default_model: str = "smollm2-gptq"
     models_file: Path | None = None  # JSON list of extra ModelProfile objects
+    include_embedded_models: bool = True  # offer the smollm2-* builds alongside MODELS_FILE's
     max_new_tokens: int | None = None  # overrides every profile when set
     temperature: float | None = None
     top_p: float | None = None
@@ -108,6 +109,7 @@ class Settings(BaseSettings):
 
     # --- remote engine ---
     remote_concurrency: int = 4
+    remote_extra_sampling: bool = True  # send repetition_penalty/repeat_penalty (vLLM, TGI, llama.cpp, Ollama)
 
     _csv_fields = field_validator(
         "allowed_users", "allowed_chats", "admin_users", "discord_guild_ids",
@@ -117,7 +119,7 @@ class Settings(BaseSettings):
     @cached_property
     def profiles(self) -> dict[str, ModelProfile]:
         """Embedded builds plus any from MODELS_FILE (same name overrides)."""
-        found = {p.name: p for p in embedded_profiles()}
+        found = {p.name: p for p in embedded_profiles()} if self.include_embedded_models else {}
         if self.models_file and Path(self.models_file).exists():
             for raw in json.loads(Path(self.models_file).read_text()):
                 p = ModelProfile.model_validate(raw)

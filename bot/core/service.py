@@ -1,0 +1,262 @@
+"""The platform-neutral chat service: commands, history and replies, the same for every adapter."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from bot.config import ModelProfile, Settings
+from bot.core.messages import IncomingMessage, ReplySink, ReplyStatus
+from bot.core.prompt import MessageTooLong, Turn, build_prompt
+from bot.core.queue import Event, GenerationQueue, Job, JobResult, QueueFull
+from bot.engines.base import ChatMessage, Engine, GenerationParams
+from bot.errors import BotError
+from bot.storage import migrate
+from bot.storage.store import HistoryStore
+
+log = logging.getLogger(__name__)
+
+MAX_MESSAGE_CHARS = 16_000  # refused before any tokenizing; the token budget is checked at start
+COMMANDS = {
+    "start": "say hello and show what I can do",
+    "help": "list the commands",
+    "reset": "forget this chat's history",
+    "model": "list models, or /model NAME to switch",
+    "stop": "stop your running or queued reply",
+}
+
+NOT_ALLOWED = "Sorry, you are not allowed to use this bot."
+EMPTY = "Your message is empty. Please send some text."
+BUSY = "I'm busy with other people's messages right now. Please try again in a minute."
+FOLDED = "Added to your waiting message; I'll answer both together."
+
+
+@dataclass
+class _Record:
+    """Rows of one reply, shared by its prepare and finish steps."""
+
+    chat: int
+    user_row: int
+    reply_row: int | None = None
+
+
+def help_text(current_model: str) -> str:
+    lines = [f"/{name} - {what}" for name, what in COMMANDS.items()]
+    return "Send me a message and I'll answer.\n" + "\n".join(lines) + f"\nModel: {current_model}"
+
+
+def parse_command(text: str) -> tuple[str, str] | None:
+    """'/model@MyBot  x' -> ('model', 'x'); None when the text is not a command."""
+    if not text.startswith("/") or len(text) < 2:
+        return None
+    head, _, rest = text[1:].partition(" ")
+    name = head.split("@", 1)[0].lower()
+    return name, rest.strip()
+
+
+class ChatService:
+    def __init__(self, settings: Settings, engine_factory: Callable[[ModelProfile], Engine] | None = None,
+                 store: HistoryStore | None = None) -> None:
+        self.settings = settings
+        self._engine_factory = engine_factory or self._default_factory
+        self.store = store or HistoryStore(settings.database_url)
+        self.queue = GenerationQueue(self._make_engine, max_waiting=settings.queue_max,
+                                     reply_timeout_s=settings.reply_timeout_s,
+                                     concurrency=settings.remote_concurrency)
+        self._started = False
+
+    def _default_factory(self, profile: ModelProfile) -> Engine:
+        from bot.engines import create_engine
+
+        return create_engine(profile, self.settings)
+
+    def _make_engine(self, name: str) -> Engine:
+        return self._engine_factory(self.profile(name))
+
+    def profile(self, name: str) -> ModelProfile:
+        try:
+            return self.settings.profiles[name]
+        except KeyError:
+            raise BotError(f"unknown model {name!r}; configured: {', '.join(self.model_names())}") from None
+
+    # --- lifecycle ---------------------------------------------------------------------------
+    async def start(self) -> None:
+        await asyncio.to_thread(migrate.upgrade, self.settings.database_url)
+        interrupted = await self.store.mark_interrupted()
+        if interrupted:
+            log.warning("%d replies were interrupted by the last shutdown; marked incomplete", interrupted)
+        self.profile(self.settings.default_model)
+        await self.queue.start(self.settings.default_model)
+        self._started = True
+
+    async def close(self) -> None:
+        if self._started:
+            await self.queue.close()
+        await self.store.close()
+
+    async def __aenter__(self) -> ChatService:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    # --- facts for adapters ------------------------------------------------------------------
+    def model_names(self) -> list[str]:
+        return list(self.settings.profiles)
+
+    @property
+    def current_model(self) -> str:
+        return self.queue.model
+
+    # --- entry point -------------------------------------------------------------------------
+    async def handle(self, msg: IncomingMessage, sink: ReplySink) -> None:
+        """Answer one message: a command or a prompt. Returns when the reply is finished."""
+        if not msg.is_allowed:
+            await sink.error(NOT_ALLOWED)
+            return
+        command = parse_command(msg.text.strip())
+        if command is not None:
+            await self._command(msg, sink, *command)
+        else:
+            await self._prompt(msg, sink)
+
+    async def _command(self, msg: IncomingMessage, sink: ReplySink, name: str, arg: str) -> None:
+        chat = await self.store.chat_id(msg.platform, msg.chat_id)
+        if name == "start":
+            await sink.notice(f"Hello {msg.user_name}! " + help_text(self.current_model))
+        elif name == "help":
+            await sink.notice(help_text(self.current_model))
+        elif name == "reset":
+            await self.queue.cancel(self._key(msg))
+            await self.store.clear(chat)
+            await sink.notice("History cleared. Let's start over.")
+        elif name == "stop":
+            stopped = await self.queue.cancel(self._key(msg))
+            await sink.notice({"running": "Stopped your reply.", "queued": "Removed your waiting message.",
+                               None: "Nothing to stop."}[stopped])
+        elif name == "model":
+            await self._model_command(msg, sink, arg)
+        else:
+            await sink.notice(f"Unknown command /{name}.\n" + help_text(self.current_model))
+
+    async def _model_command(self, msg: IncomingMessage, sink: ReplySink, arg: str) -> None:
+        if not arg:
+            lines = [f"{'* ' if n == self.current_model else '  '}{n}"
+                     + (f" - {p.description}" if p.description else "")
+                     for n, p in self.settings.profiles.items()]
+            await sink.notice("Models (* = current):\n" + "\n".join(lines) + "\nSwitch with /model NAME")
+            return
+        if not msg.is_admin:
+            await sink.error("Only admins can switch the model.")
+            return
+        if arg not in self.settings.profiles:
+            await sink.error(f"Unknown model {arg!r}. Available: {', '.join(self.model_names())}")
+            return
+        if arg == self.current_model:
+            await sink.notice(f"Already using {arg}.")
+            return
+        previous = self.current_model
+        try:
+            now = await self.queue.switch_model(arg)
+        except BotError as exc:
+            await sink.error(f"Could not load {arg}: {exc}. Still using {self.current_model or previous}.")
+            return
+        await sink.notice(f"Switched to {now}.")
+
+    # --- prompts -----------------------------------------------------------------------------
+    @staticmethod
+    def _key(msg: IncomingMessage) -> str:
+        return f"{msg.platform}:{msg.chat_id}"
+
+    async def _prompt(self, msg: IncomingMessage, sink: ReplySink) -> None:
+        text = msg.text.strip()
+        if not text:
+            await sink.error(EMPTY)
+            return
+        chat = await self.store.chat_id(msg.platform, msg.chat_id)
+        if len(text) > MAX_MESSAGE_CHARS:
+            await self.store.add(chat, "user", text, "rejected", user_id=msg.user_id)
+            await sink.error(f"Your message is too long: {len(text)} characters, limit {MAX_MESSAGE_CHARS}.")
+            return
+        key = self._key(msg)
+        user_row = await self.store.add(chat, "user", text, user_id=msg.user_id)
+        if self.queue.has_waiting(key):
+            await sink.notice(FOLDED)
+            return
+        record = _Record(chat, user_row)
+        job = Job(key, prepare=lambda engine: self._prepare(engine, record),
+                  on_finish=lambda result: self._store_reply(record, result))
+        try:
+            self.queue.submit(job)
+        except QueueFull:
+            await self.store.set_status(user_row, "rejected")
+            await sink.error(BUSY)
+            return
+        await self._relay(job, sink)
+
+    async def _prepare(self, engine: Engine, record: _Record) -> tuple[list[ChatMessage], GenerationParams]:
+        """Runs when the reply starts: prompt from the history as it is now, then a `pending` row."""
+        profile = self.profile(self.queue.model)
+        gen = self.settings.generation_for(profile)
+        params = GenerationParams(max_new_tokens=gen.max_new_tokens, temperature=gen.temperature,
+                                  top_p=gen.top_p, repetition_penalty=gen.repetition_penalty)
+        history = await self.store.context(record.chat)
+        system = await self.store.system_prompt(record.chat) or self.settings.system_prompt
+        turns = [Turn(m.role, m.content) for m in history]
+        loop = asyncio.get_running_loop()
+        try:
+            messages = await loop.run_in_executor(
+                None, build_prompt, system, turns, engine.count_tokens, engine.context_length, params.max_new_tokens)
+        except MessageTooLong as exc:
+            await self.store.set_status(record.user_row, "rejected")
+            raise BotError(f"Your message is too long: {exc.tokens} tokens, limit {exc.limit}. "
+                           "Please shorten it.") from None
+        record.reply_row = await self.store.add(record.chat, "assistant", "", "pending", model=self.queue.model)
+        return messages, params
+
+    async def _store_reply(self, record: _Record, result: JobResult) -> None:
+        if record.reply_row is None:  # never started: cancelled while waiting, or refused
+            return
+        await self.store.finish(record.reply_row, result.text, result.status.value,
+                                token_count=result.stats.completion_tokens, model=result.model)
+
+    async def _relay(self, job: Job, sink: ReplySink) -> None:
+        """Turn queue events into sink calls; sink failures never stop the reply being stored."""
+        text = ""
+        while True:
+            event: Event = await job.events.get()
+            if event.kind == "delta":
+                text += event.text
+                while not job.events.empty() and job.events._queue[0].kind == "delta":  # type: ignore[attr-defined]
+                    text += job.events.get_nowait().text
+                await self._safe(sink.update(text))
+            elif event.kind == "queued":
+                await self._safe(sink.queued(event.position, event.eta_s))
+            elif event.kind == "started":
+                await self._safe(sink.started())
+            else:
+                await self._deliver_end(sink, event)
+                return
+
+    async def _deliver_end(self, sink: ReplySink, event: Event) -> None:
+        status = event.status or ReplyStatus.FAILED
+        if status == ReplyStatus.COMPLETE:
+            final = event.text if event.text.strip() else "(the model gave an empty reply)"
+            await self._safe(sink.finish(final, status))
+        elif status == ReplyStatus.CANCELLED:
+            note = event.error or "(stopped)"
+            await self._safe(sink.finish(f"{event.text}\n\n{note}" if event.text else note, status))
+        elif event.text:
+            await self._safe(sink.finish(f"{event.text}\n\n{event.error}", status))
+        else:
+            await self._safe(sink.error(event.error or "Sorry, something went wrong."))
+
+    @staticmethod
+    async def _safe(call: object) -> None:
+        try:
+            await call  # type: ignore[misc]
+        except Exception:  # noqa: BLE001 - a platform failure must not lose the stored reply
+            log.warning("reply sink failed", exc_info=True)
