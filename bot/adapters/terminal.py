@@ -1,0 +1,109 @@
+"""The terminal chat: the seed tutorial's multi-turn loop as a product, through the same service."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import sys
+import threading
+from typing import TextIO
+
+from bot.config import Settings
+from bot.core.messages import IncomingMessage, ReplyStatus
+from bot.core.service import ChatService
+
+PLATFORM = "terminal"
+CHAT_ID = "local"
+QUIT = {"/quit", "/exit"}
+
+
+class TerminalSink:
+    """Prints the reply as it grows: only the new part of each full-text update."""
+
+    def __init__(self, out: TextIO) -> None:
+        self.out = out
+        self.shown = 0
+
+    def _write(self, text: str) -> None:
+        self.out.write(text)
+        self.out.flush()
+
+    async def queued(self, position: int, eta_s: float | None) -> None:
+        eta = f", about {eta_s:.0f} s" if eta_s is not None else ""
+        self._write(f"(waiting: #{position} in line{eta})\n")
+
+    async def started(self) -> None:
+        self._write("bot> ")
+
+    async def update(self, text: str) -> None:
+        self._write(text[self.shown:])
+        self.shown = len(text)
+
+    async def finish(self, text: str, status: ReplyStatus) -> None:
+        if self.shown == 0:
+            self._write("bot> ")
+        self._write(text[self.shown:] if text.startswith(text[: self.shown]) else "\n" + text)
+        self._write("\n")
+
+    async def error(self, message: str) -> None:
+        self._write(("\n" if self.shown else "") + f"! {message}\n")
+
+    async def notice(self, text: str) -> None:
+        self._write(text + "\n")
+
+
+def _stdin_lines(loop: asyncio.AbstractEventLoop, lines: asyncio.Queue[str | None]) -> None:
+    """A daemon thread feeding stdin lines to the loop (None at end of input)."""
+
+    def read() -> None:
+        for line in sys.stdin:
+            loop.call_soon_threadsafe(lines.put_nowait, line.rstrip("\n"))
+        loop.call_soon_threadsafe(lines.put_nowait, None)
+
+    threading.Thread(target=read, name="stdin", daemon=True).start()
+
+
+async def chat_loop(service: ChatService, out: TextIO = sys.stdout, user: str = "you") -> None:
+    """Read a line, answer it, repeat. Ctrl-C stops a running reply, or leaves when idle."""
+    loop = asyncio.get_running_loop()
+    lines: asyncio.Queue[str | None] = asyncio.Queue()
+    _stdin_lines(loop, lines)
+    generating = False
+
+    def on_sigint() -> None:
+        if generating:
+            loop.create_task(service.queue.cancel(f"{PLATFORM}:{CHAT_ID}"))
+        else:
+            lines.put_nowait(None)
+
+    try:
+        loop.add_signal_handler(signal.SIGINT, on_sigint)
+    except (NotImplementedError, RuntimeError):  # not the main thread / not supported
+        pass
+    out.write(f"Chatting with {service.current_model}. /help for commands, /quit to leave.\n")
+    while True:
+        if sys.stdin.isatty():
+            out.write(f"{user}> ")
+        out.flush()
+        line = await lines.get()
+        if line is None or line.strip() in QUIT:
+            break
+        if not line.strip():
+            continue
+        generating = True
+        try:
+            await service.handle(IncomingMessage(PLATFORM, CHAT_ID, "local", user, line), TerminalSink(out))
+        finally:
+            generating = False
+    out.write("bye\n")
+
+
+async def run_terminal(settings: Settings) -> None:
+    async with ChatService(settings) as service:
+        await chat_loop(service)
+
+
+def cmd_chat(args: argparse.Namespace, settings: Settings) -> int:
+    asyncio.run(run_terminal(settings))
+    return 0
