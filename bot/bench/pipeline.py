@@ -13,7 +13,6 @@ import json
 import statistics
 import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 from bot.config import Settings
@@ -21,6 +20,7 @@ from bot.core.messages import IncomingMessage, ReplyStatus
 from bot.core.service import ChatService
 from bot.engines import create_engine
 from bot.engines.base import CancelToken, ChatMessage, Engine, GenerationParams, StreamStats
+from bot.engines.recording import RecordingEngine
 
 PROMPTS = [
     "What is the capital of France?",
@@ -31,41 +31,6 @@ PROMPTS = [
 MAX_NEW_TOKENS = 64
 SERVICE_COST_TARGET = 0.05  # the service may cost at most 5% of decode speed
 FIRST_TEXT_TARGET_MS = 100.0
-
-
-class TimedEngine(Engine):
-    """Delegates to a loaded engine and keeps the stats of every stream (the engine's own timing)."""
-
-    def __init__(self, inner: Engine) -> None:
-        self.inner = inner
-        self.name = inner.name
-        self.runs: list[StreamStats] = []
-
-    def load(self) -> None:
-        if not self.inner.loaded:
-            self.inner.load()
-
-    def unload(self) -> None:  # the bench unloads once at the end
-        pass
-
-    @property
-    def loaded(self) -> bool:
-        return self.inner.loaded
-
-    @property
-    def context_length(self) -> int:
-        return self.inner.context_length
-
-    def count_tokens(self, messages: list[ChatMessage]) -> int:
-        return self.inner.count_tokens(messages)
-
-    def stream_chat(self, messages: list[ChatMessage], params: GenerationParams, cancel: CancelToken,
-                    stats: StreamStats | None = None) -> Iterator[str]:
-        own = StreamStats()
-        self.runs.append(own)
-        yield from self.inner.stream_chat(messages, params, cancel, own)
-        if stats is not None:
-            stats.__dict__.update(own.__dict__)
 
 
 class TimingSink:
@@ -113,7 +78,7 @@ def raw_engine_runs(engine: Engine, params: GenerationParams, system: str) -> li
     return rows
 
 
-async def service_runs(settings: Settings, timed: TimedEngine) -> list[dict[str, float]]:
+async def service_runs(settings: Settings, timed: RecordingEngine) -> list[dict[str, float]]:
     rows = []
     async with ChatService(settings, engine_factory=lambda _p: timed) as service:
         for i, prompt in enumerate(PROMPTS):
@@ -142,9 +107,9 @@ def cmd_bench_pipeline(args: argparse.Namespace, settings: Settings) -> int:
         engine.load()
         raw_engine_runs(engine, params, settings.system_prompt)  # warm-up
         raw = raw_engine_runs(engine, params, settings.system_prompt)
-        timed = TimedEngine(engine)
+        timed = RecordingEngine(engine)
         served = asyncio.run(service_runs(settings, timed))
-        engine.unload()
+        timed.unload()
     raw_rate = statistics.mean(r["tok_s"] for r in raw)
     svc_rate = statistics.mean(r["tok_s"] for r in served)
     result = {
