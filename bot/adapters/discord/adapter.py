@@ -1,0 +1,262 @@
+"""The Discord adapter: a discord.py client that turns slash commands, mentions and DMs into
+`ChatService.handle` calls and streams the replies by editing messages.
+
+Where the bot answers:
+- `/chat prompt:` anywhere it is installed; `/reset`, `/model`, `/stop` answer ephemerally.
+- DMs: every message is a prompt (text commands such as "/reset" work too).
+- Guild channels and threads: messages that @mention the bot or reply to one of its messages.
+History is kept per DM, channel or thread (the Discord channel id).
+
+Reading guild messages needs the privileged MESSAGE_CONTENT intent (Developer Portal -> the
+application -> Bot -> Privileged Gateway Intents -> Message Content Intent). Without it Discord
+closes the gateway with 4014; the adapter then reconnects without the intent and keeps working
+for slash commands, DMs and @mentions (those carry their text regardless), and says so in the log.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+
+import aiohttp
+import discord
+from discord import app_commands
+
+from bot.adapters.discord.access import judge
+from bot.adapters.discord.commands import build_tree
+from bot.adapters.discord.ops import INTERACTION_TOKEN_TTL_S, ChannelOps, InteractionOps
+from bot.adapters.discord.sink import DiscordSink
+from bot.adapters.streaming import Pacer, StreamingMessage
+from bot.config import Settings
+from bot.core.messages import IncomingMessage
+from bot.core.service import ChatService
+from bot.errors import BotError
+
+log = logging.getLogger(__name__)
+
+# --- tuning ---
+GUILD_READY_TIMEOUT_S = 2.0  # discord.py waits this long after the last GUILD_CREATE before `ready`
+LOGIN_TIMEOUT_S = 60.0
+STOP_TIMEOUT_S = 10.0
+
+PLATFORM = "discord"
+NOT_HERE = "Sorry, I don't answer in this channel."
+SOMETHING_WRONG = "Sorry, something went wrong. Please try again."
+MESSAGE_CONTENT_HELP = (
+    "Discord refused the MESSAGE_CONTENT intent. Enable it in the Developer Portal (your application -> "
+    "Bot -> Privileged Gateway Intents -> Message Content Intent). Continuing without it: slash commands, "
+    "DMs and @mentions work; replies to the bot that do not mention it are not seen.")
+
+
+def build_intents(message_content: bool) -> discord.Intents:
+    intents = discord.Intents.none()
+    intents.guilds = True
+    intents.guild_messages = True
+    intents.dm_messages = True
+    intents.message_content = message_content
+    return intents
+
+
+class _Client(discord.Client):
+    def __init__(self, adapter: DiscordAdapter, message_content: bool, guild_ready_timeout: float) -> None:
+        super().__init__(intents=build_intents(message_content), allowed_mentions=discord.AllowedMentions.none(),
+                         guild_ready_timeout=guild_ready_timeout, chunk_guilds_at_startup=False)
+        self.adapter = adapter
+        self.tree = build_tree(self, adapter)
+
+    async def setup_hook(self) -> None:
+        await self.adapter.sync_commands(self.tree)
+
+    async def on_ready(self) -> None:
+        log.info("Discord: connected as %s (%d guilds)", self.user, len(self.guilds))
+        self.adapter.ready.set()
+
+    async def on_message(self, message: discord.Message) -> None:
+        await self.adapter.on_message(message)
+
+
+class DiscordAdapter:
+    """Runs the bot on Discord: `await start()` logs in and connects in the background."""
+
+    def __init__(self, settings: Settings, service: ChatService, *,
+                 guild_ready_timeout_s: float = GUILD_READY_TIMEOUT_S) -> None:
+        self.settings = settings
+        self.service = service
+        self.guild_ready_timeout_s = guild_ready_timeout_s
+        self.token_ttl_s = INTERACTION_TOKEN_TTL_S
+        self.client: _Client | None = None
+        self.ready = asyncio.Event()
+        self.message_content = True
+        self.synced: list[app_commands.AppCommand] = []
+        self._task: asyncio.Task[None] | None = None
+        self._pacers: dict[int, Pacer] = {}
+
+    # --- lifecycle ---------------------------------------------------------------------------
+    def _token(self) -> str:
+        if self.settings.discord_bot_token is None:
+            raise BotError("DISCORD_BOT_TOKEN is not set")
+        return self.settings.discord_bot_token.get_secret_value().strip()
+
+    async def start(self) -> None:
+        """Log in (and sync the slash commands), then connect to the gateway in a background task."""
+        await self._login()
+        self._task = asyncio.create_task(self._run(), name="discord-gateway")
+
+    async def _login(self) -> None:
+        token = self._token()
+        self.client = _Client(self, self.message_content, self.guild_ready_timeout_s)
+        try:
+            await asyncio.wait_for(self.client.login(token), LOGIN_TIMEOUT_S)
+        except discord.LoginFailure:
+            await self.client.close()
+            raise BotError("Discord refused the bot token; check DISCORD_BOT_TOKEN") from None
+        except (discord.HTTPException, aiohttp.ClientError, OSError, TimeoutError) as exc:
+            await self.client.close()
+            raise BotError(f"could not log in to Discord: {type(exc).__name__}") from None
+
+    async def _run(self) -> None:
+        while self.client is not None:
+            client = self.client
+            try:
+                await client.connect(reconnect=True)
+                return
+            except discord.PrivilegedIntentsRequired:
+                if not self.message_content:
+                    log.error("Discord refused the gateway intents; the Discord adapter stopped")
+                    return
+                log.error(MESSAGE_CONTENT_HELP)
+                self.message_content = False
+                await client.close()
+                try:
+                    await self._login()
+                except BotError as exc:
+                    log.error("Discord: %s", exc)
+                    return
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # noqa: BLE001 - the connection is gone for good; say so, keep the process
+                log.exception("Discord: the gateway connection ended with an error")
+                return
+
+    async def stop(self) -> None:
+        """Disconnect; replies still being generated are finished and stored by the service."""
+        if self.client is not None:
+            await self.client.close()
+        if self._task is not None:
+            try:
+                await asyncio.wait_for(self._task, STOP_TIMEOUT_S)
+            except (TimeoutError, asyncio.CancelledError):
+                self._task.cancel()
+            except Exception:  # noqa: BLE001 - already logged by _run
+                pass
+
+    async def sync_commands(self, tree: app_commands.CommandTree) -> None:
+        """Register the slash commands: in DISCORD_GUILD_IDS at once, else globally (takes a while)."""
+        try:
+            if self.settings.discord_guild_ids:
+                for guild_id in self.settings.discord_guild_ids:
+                    guild = discord.Object(id=int(guild_id))
+                    tree.copy_global_to(guild=guild)
+                    self.synced = await tree.sync(guild=guild)
+            else:
+                self.synced = await tree.sync()
+        except (discord.HTTPException, ValueError) as exc:
+            log.warning("Discord: could not register the slash commands: %s", exc)
+
+    # --- helpers -----------------------------------------------------------------------------
+    def _pacer(self, channel_id: int) -> Pacer:
+        if channel_id not in self._pacers:
+            self._pacers[channel_id] = Pacer(self.settings.discord_edit_interval_s)
+        return self._pacers[channel_id]
+
+    async def _handle(self, msg: IncomingMessage, sink: DiscordSink) -> None:
+        try:
+            await self.service.handle(msg, sink)
+        except Exception:  # noqa: BLE001 - never a traceback to the user
+            log.exception("Discord: handling a message failed")
+            if sink.final_text is None:
+                await sink.error(SOMETHING_WRONG)
+
+    # --- slash commands ----------------------------------------------------------------------
+    async def run_interaction(self, interaction: discord.Interaction, text: str, *, private: bool) -> None:
+        """Acknowledge at once (deferred), then let the service answer by editing the response."""
+        in_guild = interaction.guild_id is not None
+        access = judge(self.settings, interaction.user, interaction.channel, in_guild)
+        if not access.channel_ok:
+            await interaction.response.send_message(NOT_HERE, ephemeral=True)
+            return
+        ephemeral = private or not access.allowed
+        try:
+            await interaction.response.defer(ephemeral=ephemeral, thinking=True)
+        except discord.HTTPException as exc:  # 10062 too late, 40060 already acknowledged
+            log.warning("Discord: could not acknowledge /%s: %s", interaction.command and
+                        interaction.command.name, exc)
+            return
+        ops = InteractionOps(interaction, ephemeral=ephemeral, token_ttl_s=self.token_ttl_s)
+        pacer = Pacer(self.settings.discord_edit_interval_s) if ephemeral else self._pacer(interaction.channel_id or 0)
+        sink = DiscordSink(StreamingMessage(ops, pacer))
+        user = interaction.user
+        msg = IncomingMessage(platform=PLATFORM, chat_id=str(interaction.channel_id), user_id=str(user.id),
+                              user_name=user.display_name, text=text, is_allowed=access.allowed,
+                              is_admin=access.admin)
+        await self._handle(msg, sink)
+
+    async def command_failed(self, interaction: discord.Interaction, error: app_commands.AppCommandError) -> None:
+        log.error("Discord: slash command failed: %s", error, exc_info=error)
+        try:
+            if interaction.response.is_done():
+                await interaction.followup.send(SOMETHING_WRONG, ephemeral=True)
+            else:
+                await interaction.response.send_message(SOMETHING_WRONG, ephemeral=True)
+        except discord.HTTPException:
+            pass
+
+    # --- messages ----------------------------------------------------------------------------
+    def _addressed(self, message: discord.Message) -> bool:
+        me = self.client.user if self.client else None
+        if me is None:
+            return False
+        if message.guild is None:
+            return True
+        if any(u.id == me.id for u in message.mentions):
+            return True
+        ref = message.reference.resolved if message.reference else None
+        return isinstance(ref, discord.Message) and ref.author.id == me.id
+
+    def _prompt_text(self, message: discord.Message) -> str:
+        me = self.client.user if self.client else None
+        text = message.content
+        if me is not None:
+            text = re.sub(rf"<@!?{me.id}>", " ", text)
+        return text.strip()
+
+    async def on_message(self, message: discord.Message) -> None:
+        """DMs, and guild messages that mention the bot or reply to it, are prompts."""
+        if message.author.bot or message.type not in (discord.MessageType.default, discord.MessageType.reply):
+            return
+        if not self._addressed(message):
+            return
+        in_guild = message.guild is not None
+        text = self._prompt_text(message)
+        if in_guild and not message.content:
+            log.warning("Discord: a reply to the bot arrived without text; is the MESSAGE_CONTENT intent on?")
+            return
+        access = judge(self.settings, message.author, message.channel, in_guild)
+        if not access.channel_ok:
+            log.info("Discord: ignoring a message in channel %s (not in DISCORD_ALLOWED_CHANNELS)",
+                     message.channel.id)
+            return
+
+        async def typing() -> None:
+            try:
+                await message.channel.typing()
+            except discord.HTTPException:
+                pass
+
+        stream = StreamingMessage(ChannelOps(message), self._pacer(message.channel.id))
+        sink = DiscordSink(stream, on_started=typing)
+        msg = IncomingMessage(platform=PLATFORM, chat_id=str(message.channel.id), user_id=str(message.author.id),
+                              user_name=message.author.display_name, text=text, is_allowed=access.allowed,
+                              is_admin=access.admin)
+        await self._handle(msg, sink)

@@ -1,0 +1,59 @@
+"""The slash commands: /chat, /reset, /model (with autocomplete) and /stop."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import discord
+from discord import app_commands
+
+if TYPE_CHECKING:
+    from bot.adapters.discord.adapter import DiscordAdapter
+
+# --- tuning ---
+MAX_CHOICES = 25  # Discord's limit for autocomplete results
+CURRENT_MARK = " (current)"
+
+COMMAND_NAMES = ("chat", "reset", "model", "stop")
+
+
+def model_choices(names: list[str], current: str, typed: str) -> list[app_commands.Choice[str]]:
+    """Models whose name contains what was typed, the current one first and marked."""
+    typed = typed.strip().lower()
+    found = [n for n in names if typed in n.lower()]
+    found.sort(key=lambda n: n != current)
+    return [app_commands.Choice(name=n + (CURRENT_MARK if n == current else ""), value=n)
+            for n in found[:MAX_CHOICES]]
+
+
+def build_tree(client: discord.Client, adapter: DiscordAdapter) -> app_commands.CommandTree:
+    """A command tree on `client` whose commands hand over to `adapter`."""
+    tree = app_commands.CommandTree(client)
+
+    @tree.command(name="chat", description="Ask the model something; the answer streams in")
+    @app_commands.describe(prompt="Your message to the model")
+    async def chat(interaction: discord.Interaction, prompt: str) -> None:
+        await adapter.run_interaction(interaction, prompt, private=False)
+
+    @tree.command(name="reset", description="Forget this conversation's history")
+    async def reset(interaction: discord.Interaction) -> None:
+        await adapter.run_interaction(interaction, "/reset", private=True)
+
+    @tree.command(name="model", description="Show the models, or switch to another one")
+    @app_commands.describe(name="The model to switch to (leave empty to list them)")
+    async def model(interaction: discord.Interaction, name: str | None = None) -> None:
+        await adapter.run_interaction(interaction, f"/model {name}" if name else "/model", private=True)
+
+    @model.autocomplete("name")
+    async def model_autocomplete(interaction: discord.Interaction, current: str) -> list[app_commands.Choice[str]]:
+        return model_choices(adapter.service.model_names(), adapter.service.current_model, current)
+
+    @tree.command(name="stop", description="Stop your running or waiting reply")
+    async def stop(interaction: discord.Interaction) -> None:
+        await adapter.run_interaction(interaction, "/stop", private=True)
+
+    @tree.error
+    async def on_error(interaction: discord.Interaction, error: app_commands.AppCommandError) -> None:
+        await adapter.command_failed(interaction, error)
+
+    return tree
