@@ -38,7 +38,8 @@ log = logging.getLogger(__name__)
 # --- tuning ---
 GUILD_READY_TIMEOUT_S = 2.0  # discord.py waits this long after the last GUILD_CREATE before `ready`
 LOGIN_TIMEOUT_S = 60.0
-STOP_TIMEOUT_S = 10.0
+STOP_TIMEOUT_S = 10.0  # for the gateway task to end after the client closed
+STOP_GRACE_S = 5.0  # replies in progress get this long to finish before the client disconnects
 
 PLATFORM = "discord"
 NOT_HERE = "Sorry, I don't answer in this channel."
@@ -80,10 +81,11 @@ class DiscordAdapter:
     """Runs the bot on Discord: `await start()` logs in and connects in the background."""
 
     def __init__(self, settings: Settings, service: ChatService, *,
-                 guild_ready_timeout_s: float = GUILD_READY_TIMEOUT_S) -> None:
+                 guild_ready_timeout_s: float = GUILD_READY_TIMEOUT_S, stop_grace_s: float = STOP_GRACE_S) -> None:
         self.settings = settings
         self.service = service
         self.guild_ready_timeout_s = guild_ready_timeout_s
+        self.stop_grace_s = stop_grace_s
         self.token_ttl_s = INTERACTION_TOKEN_TTL_S
         self.client: _Client | None = None
         self.ready = asyncio.Event()
@@ -91,6 +93,7 @@ class DiscordAdapter:
         self.synced: list[app_commands.AppCommand] = []
         self._task: asyncio.Task[None] | None = None
         self._pacers: dict[int, Pacer] = {}
+        self._in_flight: set[asyncio.Task[object]] = set()
 
     # --- lifecycle ---------------------------------------------------------------------------
     def _token(self) -> str:
@@ -140,7 +143,13 @@ class DiscordAdapter:
                 return
 
     async def stop(self) -> None:
-        """Disconnect; replies still being generated are finished and stored by the service."""
+        """Give replies in progress `stop_grace_s` to finish, then disconnect.
+
+        Replies still running after that are ended and stored by the service when it closes.
+        """
+        pending = [t for t in self._in_flight if not t.done()]
+        if pending:
+            await asyncio.wait(pending, timeout=self.stop_grace_s)
         if self.client is not None:
             await self.client.close()
         if self._task is not None:
@@ -171,12 +180,18 @@ class DiscordAdapter:
         return self._pacers[channel_id]
 
     async def _handle(self, msg: IncomingMessage, sink: DiscordSink) -> None:
+        task = asyncio.current_task()
+        if task is not None:
+            self._in_flight.add(task)
         try:
             await self.service.handle(msg, sink)
         except Exception:  # noqa: BLE001 - never a traceback to the user
             log.exception("Discord: handling a message failed")
             if sink.final_text is None:
                 await sink.error(SOMETHING_WRONG)
+        finally:
+            if task is not None:
+                self._in_flight.discard(task)
 
     # --- slash commands ----------------------------------------------------------------------
     async def run_interaction(self, interaction: discord.Interaction, text: str, *, private: bool) -> None:
