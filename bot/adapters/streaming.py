@@ -59,6 +59,10 @@ class TooLong(Exception):
     """The platform refused the text as too long."""
 
 
+class Fatal(Exception):
+    """The platform will never accept this (bot blocked, chat gone): stop trying at once."""
+
+
 class TransientError(Exception):
     """Network trouble or a server hiccup: worth another try later."""
 
@@ -181,6 +185,9 @@ class StreamingMessage(Generic[H]):
                 log.info("rate limited: waiting %.1fs", exc.retry_after)
                 self.pacer.block(exc.retry_after + RETRY_MARGIN_S)
                 self._wake.set()
+            except Fatal as exc:
+                log.warning("cannot deliver a reply: %s", exc)
+                return
             except TooLong:
                 self.limit = max(64, int(self.limit * SHRINK_FACTOR))
                 log.warning("platform said too long; splitting at %d", self.limit)

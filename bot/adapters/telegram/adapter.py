@@ -1,0 +1,267 @@
+"""The Telegram adapter: python-telegram-bot polling, who gets an answer, and one sink per message."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import TYPE_CHECKING
+
+from telegram import BotCommand, InlineKeyboardButton, InlineKeyboardMarkup, Message, Update
+from telegram.constants import ChatType, MessageEntityType
+from telegram.error import InvalidToken, NetworkError, TelegramError
+from telegram.ext import AIORateLimiter, Application, CallbackQueryHandler, ContextTypes, MessageHandler, filters
+
+from bot.adapters.streaming import Pacer
+from bot.adapters.telegram.sink import TelegramOps, TelegramSink, Typing
+from bot.core.messages import IncomingMessage, ReplyStatus
+from bot.errors import BotError
+
+if TYPE_CHECKING:
+    from bot.config import Settings
+    from bot.core.service import ChatService
+
+log = logging.getLogger(__name__)
+
+# --- tuning ---
+POLL_TIMEOUT_S = 10.0  # getUpdates long-poll; tests use ~1 s so shutdown is quick
+STOP_GRACE_S = 30.0  # how long stop() waits for replies in progress to be finished or marked
+REFUSAL_COOLDOWN_S = 3600.0  # a refused user hears "not allowed" at most once per this long
+MODEL_BUTTON_PREFIX = "model:"
+UNSUPPORTED = ("I can only read text messages. Please type your question "
+               "(stickers, photos, voice and files are not supported).")
+COMMAND_HELP = {
+    "start": "say hello and show what I can do",
+    "help": "list the commands",
+    "reset": "forget this chat's history",
+    "model": "list models, or /model NAME to switch",
+    "stop": "stop your running or queued reply",
+}
+
+
+class TelegramAdapter:
+    """`await start()` begins polling (non-blocking); `await stop()` shuts down gracefully."""
+
+    def __init__(self, settings: Settings, service: ChatService, *, poll_timeout: float = POLL_TIMEOUT_S,
+                 stop_grace: float = STOP_GRACE_S) -> None:
+        if settings.telegram_bot_token is None:
+            raise BotError("TELEGRAM_BOT_TOKEN is not set")
+        self.settings = settings
+        self.service = service
+        self.poll_timeout = poll_timeout
+        self.stop_grace = stop_grace
+        self.username = ""
+        self.bot_id = 0
+        self._pacers: dict[int, Pacer] = {}
+        self._refused: dict[str, float] = {}
+        self._inflight: set[asyncio.Task[object]] = set()
+        self.app: Application = (  # type: ignore[type-arg]
+            Application.builder()
+            .token(settings.telegram_bot_token.get_secret_value())
+            .base_url(settings.telegram_api_base_url)
+            .base_file_url(settings.telegram_api_base_url.replace("/bot", "/file/bot"))
+            .concurrent_updates(True)
+            .rate_limiter(AIORateLimiter())
+            .get_updates_read_timeout(poll_timeout + 10)
+            .build()
+        )
+        self.app.add_handler(MessageHandler(filters.UpdateType.MESSAGE, self._on_message))
+        self.app.add_handler(CallbackQueryHandler(self._on_button, pattern=f"^{MODEL_BUTTON_PREFIX}"))
+        self.app.add_error_handler(self._on_error)
+        # max_retries=0: RetryAfter reaches our edit loop, which coalesces edits while it waits.
+        logging.getLogger("telegram.ext.AIORateLimiter").addFilter(
+            lambda r: "Rate limit hit after maximum" not in r.getMessage())
+
+    # --- lifecycle ---
+    async def start(self) -> None:
+        try:
+            await self.app.initialize()  # getMe
+        except InvalidToken:
+            raise BotError("Telegram refused the bot token (TELEGRAM_BOT_TOKEN); check it with @BotFather") from None
+        except NetworkError as exc:
+            raise BotError(f"cannot reach the Telegram Bot API at {self.settings.telegram_api_base_url}: "
+                           f"{type(exc).__name__}") from None
+        self.username = self.app.bot.username or ""
+        self.bot_id = self.app.bot.id
+        await self.app.bot.set_my_commands([BotCommand(name, what) for name, what in COMMAND_HELP.items()])
+        await self.app.start()
+        assert self.app.updater is not None
+        await self.app.updater.start_polling(
+            timeout=int(self.poll_timeout) or 1, poll_interval=0.0, drop_pending_updates=False,
+            allowed_updates=[Update.MESSAGE, Update.CALLBACK_QUERY], error_callback=self._on_poll_error)
+        log.info("telegram: polling as @%s", self.username)
+
+    async def stop(self) -> None:
+        """Stop fetching updates, let replies in progress finish (or be marked), then shut down."""
+        if self.app.updater is not None and self.app.updater.running:
+            await self.app.updater.stop()
+        pending = [t for t in self._inflight if not t.done()]
+        if pending:
+            done, still = await asyncio.wait(pending, timeout=self.stop_grace)
+            for task in still:
+                task.cancel()
+            if still:
+                await asyncio.wait(still, timeout=5)
+        if self.app.running:
+            await self.app.stop()
+        await self.app.shutdown()
+
+    # --- decisions ---
+    def _access(self, user_id: str, chat_id: str) -> tuple[bool, bool]:
+        s = self.settings
+        is_admin = not s.admin_users or user_id in s.admin_users
+        listed = bool(s.allowed_users or s.allowed_chats)
+        allowed = (not listed or user_id in s.allowed_users or chat_id in s.allowed_chats
+                   or (bool(s.admin_users) and user_id in s.admin_users))
+        return allowed, is_admin
+
+    def _command_target(self, message: Message) -> str | None:
+        """For a message starting with a bot command: the @bot it names ('' when bare); else None."""
+        for ent in message.entities:
+            if ent.type == MessageEntityType.BOT_COMMAND and ent.offset == 0:
+                command = message.parse_entity(ent)
+                return command.partition("@")[2]
+        return None
+
+    def _addressed(self, message: Message) -> bool:
+        """Private chat: always. Groups: commands for us, @mentions of us, replies to us."""
+        if message.chat.type == ChatType.PRIVATE:
+            return True
+        target = self._command_target(message)
+        if target is not None:
+            return target == "" or target.lower() == self.username.lower()
+        for ent, value in message.parse_entities([MessageEntityType.MENTION]).items():
+            if value[1:].lower() == self.username.lower():
+                return True
+        for ent in message.entities:
+            if ent.type == MessageEntityType.TEXT_MENTION and ent.user and ent.user.id == self.bot_id:
+                return True
+        replied = message.reply_to_message
+        return bool(replied and replied.from_user and replied.from_user.id == self.bot_id)
+
+    def _prompt_text(self, message: Message) -> str:
+        """The text with our @mention removed."""
+        text = message.text or ""
+        if self.username and message.chat.type != ChatType.PRIVATE:
+            for ent, value in sorted(message.parse_entities([MessageEntityType.MENTION]).items(),
+                                     key=lambda kv: -kv[0].offset):
+                if value[1:].lower() == self.username.lower():
+                    text = text.replace(value, "", 1)
+        return text.strip()
+
+    @staticmethod
+    def _chat_key(message: Message) -> str:
+        """Forum topics keep separate histories."""
+        if message.chat.is_forum and message.message_thread_id:
+            return f"{message.chat.id}:{message.message_thread_id}"
+        return str(message.chat.id)
+
+    def _pacer(self, chat_id: int, chat_type: str) -> Pacer:
+        if chat_id not in self._pacers:
+            interval = (self.settings.telegram_edit_interval_private_s if chat_type == ChatType.PRIVATE
+                        else self.settings.telegram_edit_interval_group_s)
+            self._pacers[chat_id] = Pacer(interval)
+        return self._pacers[chat_id]
+
+    def _sink(self, message: Message, *, keyboard: InlineKeyboardMarkup | None = None,
+              typing: bool = False) -> TelegramSink:
+        chat = message.chat
+        thread = message.message_thread_id if chat.is_forum else None
+        reply_to = message.message_id if chat.type != ChatType.PRIVATE else None
+        ops = TelegramOps(self.app.bot, chat.id, thread, reply_to, keyboard)
+        return TelegramSink(ops, self._pacer(chat.id, chat.type),
+                            Typing(self.app.bot, chat.id, thread) if typing else None)
+
+    def _model_keyboard(self) -> InlineKeyboardMarkup:
+        current = self.service.current_model
+        return InlineKeyboardMarkup([[InlineKeyboardButton(("✅ " if name == current else "") + name,
+                                                           callback_data=f"{MODEL_BUTTON_PREFIX}{name}")]
+                                     for name in self.service.model_names()])
+
+    def _refuse_now(self, user_id: str) -> bool:
+        last = self._refused.get(user_id)
+        now = time.monotonic()
+        if last is not None and now - last < REFUSAL_COOLDOWN_S:
+            return False
+        self._refused[user_id] = now
+        return True
+
+    # --- handlers ---
+    async def _on_message(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+        message = update.message
+        if message is None or message.from_user is None or message.from_user.is_bot:
+            return
+        task = asyncio.current_task()
+        if task is not None:
+            self._inflight.add(task)  # type: ignore[arg-type]
+        try:
+            await self._answer(message)
+        finally:
+            if task is not None:
+                self._inflight.discard(task)  # type: ignore[arg-type]
+
+    async def _answer(self, message: Message) -> None:
+        if not self._addressed(message):
+            return
+        user = message.from_user
+        assert user is not None
+        private = message.chat.type == ChatType.PRIVATE
+        allowed, is_admin = self._access(str(user.id), str(message.chat.id))
+        if not allowed:
+            if private and self._refuse_now(str(user.id)):
+                await self._run(message, IncomingMessage(
+                    "telegram", self._chat_key(message), str(user.id), user.full_name, message.text or "",
+                    is_allowed=False, is_admin=False), self._sink(message))
+            return
+        if message.text is None:
+            sink = self._sink(message)
+            await sink.notice(UNSUPPORTED)
+            await sink.close()
+            return
+        text = self._prompt_text(message)
+        is_command = self._command_target(message) is not None
+        keyboard = None
+        if is_command and text.split()[0].split("@")[0].lower() == "/model" and len(text.split()) == 1:
+            keyboard = self._model_keyboard()
+        incoming = IncomingMessage("telegram", self._chat_key(message), str(user.id), user.full_name, text,
+                                   is_allowed=True, is_admin=is_admin)
+        await self._run(message, incoming, self._sink(message, keyboard=keyboard, typing=not is_command))
+
+    async def _run(self, message: Message, incoming: IncomingMessage, sink: TelegramSink) -> None:
+        if sink.typing:
+            sink.typing.start()
+        try:
+            await self.service.handle(incoming, sink)
+        except Exception:  # noqa: BLE001 - the person gets a polite note, the log gets the details
+            log.exception("telegram: handling a message failed")
+            if sink.final_text is None:
+                await sink.error("Sorry, something went wrong on my side. Please try again.")
+        except asyncio.CancelledError:
+            if sink.final_text is None:  # shutting down mid-reply: say so rather than leave it hanging
+                await asyncio.shield(sink.finish("(stopped: the bot is restarting)", ReplyStatus.CANCELLED))
+            raise
+        finally:
+            await sink.close()
+
+    async def _on_button(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+        query = update.callback_query
+        if query is None or query.data is None or not isinstance(query.message, Message):
+            return
+        message = query.message
+        user = query.from_user
+        allowed, is_admin = self._access(str(user.id), str(message.chat.id))
+        name = query.data.removeprefix(MODEL_BUTTON_PREFIX)
+        if not allowed:
+            await query.answer("Sorry, you are not allowed to use this bot.")
+            return
+        await query.answer(f"Switching to {name}…")
+        incoming = IncomingMessage("telegram", self._chat_key(message), str(user.id), user.full_name,
+                                   f"/model {name}", is_allowed=True, is_admin=is_admin)
+        await self._run(message, incoming, self._sink(message))
+
+    async def _on_error(self, update: object, context: ContextTypes.DEFAULT_TYPE) -> None:
+        log.error("telegram: unhandled error: %s", context.error)
+
+    @staticmethod
+    def _on_poll_error(exc: TelegramError) -> None:
+        log.warning("telegram: polling failed, retrying: %s", exc)

@@ -1,0 +1,206 @@
+"""One reply in one Telegram chat: Bot API calls for the streaming loop, typing, the ReplySink."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dtm
+import logging
+from collections.abc import Hashable
+from dataclasses import dataclass
+
+from telegram import Bot, InlineKeyboardMarkup, ReplyParameters
+from telegram.constants import ChatAction, ParseMode
+from telegram.error import BadRequest, Forbidden, NetworkError, RetryAfter, TelegramError
+
+from bot.adapters.streaming import (Fatal, MessageGone, MessageOps, NotModified, Pacer, RetryLater,
+                                    StreamingMessage, TooLong, TransientError)
+from bot.adapters.telegram.formatting import has_markup, markdown_to_html
+from bot.adapters.textsplit import utf16_length
+from bot.core.messages import ReplyStatus
+
+log = logging.getLogger(__name__)
+
+# --- tuning ---
+MESSAGE_LIMIT = 4096  # characters (UTF-16 units) after entity parsing
+TYPING_REFRESH_S = 4.0  # "typing" shows for up to 5 s
+PLACEHOLDER = "✍️ …"
+PLAIN_RETRY_ERRORS = ("can't parse entities", "can't find end", "unsupported start tag")
+
+
+def queue_status(position: int, eta_s: float | None) -> str:
+    eta = f", about {eta_s:.0f} s" if eta_s else ""
+    return f"⏳ You're number {position} in the queue{eta}."
+
+
+@dataclass(frozen=True)
+class Rendered:
+    """What goes out: the text, its parse mode, and the Markdown it came from (for the plain fallback)."""
+
+    text: str
+    parse_mode: str | None
+    source: str
+
+
+def translate(exc: TelegramError) -> Exception:
+    """PTB's exception -> the streaming loop's vocabulary (Telegram words matched case-insensitively)."""
+    words = str(exc).lower()
+    if isinstance(exc, RetryAfter):
+        raw = getattr(exc, "_retry_after", None)
+        seconds = raw.total_seconds() if isinstance(raw, dtm.timedelta) else float(raw or 1)
+        return RetryLater(seconds)
+    if isinstance(exc, BadRequest):
+        if "message is not modified" in words:
+            return NotModified()
+        if "message to edit not found" in words or "message can't be edited" in words:
+            return MessageGone()
+        if "message is too long" in words:
+            return TooLong()
+        if "chat not found" in words or "bot was kicked" in words:
+            return Fatal(str(exc))
+        return exc
+    if isinstance(exc, Forbidden):
+        return Fatal(str(exc))
+    if isinstance(exc, NetworkError):
+        return TransientError(str(exc))
+    return exc
+
+
+class TelegramOps(MessageOps[int]):
+    """sendMessage / editMessageText for one chat (and topic); the first message may carry a keyboard."""
+
+    limit = MESSAGE_LIMIT
+
+    def __init__(self, bot: Bot, chat_id: int, thread_id: int | None = None, reply_to: int | None = None,
+                 keyboard: InlineKeyboardMarkup | None = None) -> None:
+        self.bot = bot
+        self.chat_id = chat_id
+        self.thread_id = thread_id
+        self.reply_to = reply_to
+        self.keyboard = keyboard
+
+    def length(self, text: str) -> int:
+        return utf16_length(text)
+
+    def render(self, text: str, final: bool) -> Hashable:
+        if final and has_markup(text):
+            return Rendered(markdown_to_html(text), ParseMode.HTML, text)
+        return Rendered(text, None, text)
+
+    async def _call(self, make: object) -> object:
+        try:
+            return await make()  # type: ignore[operator]
+        except TelegramError as exc:
+            mapped = translate(exc)
+            if mapped is exc:
+                raise
+            raise mapped from exc
+
+    async def send(self, rendered: Hashable) -> int:
+        assert isinstance(rendered, Rendered)
+        reply = ReplyParameters(self.reply_to, allow_sending_without_reply=True) if self.reply_to else None
+        keyboard, self.keyboard = self.keyboard, None  # only on the first message
+
+        async def go(r: Rendered) -> int:
+            msg = await self._call(lambda: self.bot.send_message(
+                self.chat_id, r.text, parse_mode=r.parse_mode, message_thread_id=self.thread_id,
+                reply_parameters=reply, reply_markup=keyboard))
+            return msg.message_id  # type: ignore[attr-defined]
+
+        return await self._with_plain_fallback(go, rendered)
+
+    async def edit(self, handle: int, rendered: Hashable) -> None:
+        assert isinstance(rendered, Rendered)
+
+        async def go(r: Rendered) -> None:
+            await self._call(lambda: self.bot.edit_message_text(
+                r.text, chat_id=self.chat_id, message_id=handle, parse_mode=r.parse_mode))
+
+        await self._with_plain_fallback(go, rendered)
+
+    async def delete(self, handle: int) -> None:
+        await self._call(lambda: self.bot.delete_message(self.chat_id, handle))
+
+    @staticmethod
+    async def _with_plain_fallback(go: object, rendered: Rendered) -> object:
+        try:
+            return await go(rendered)  # type: ignore[operator]
+        except BadRequest as exc:
+            if rendered.parse_mode and any(w in str(exc).lower() for w in PLAIN_RETRY_ERRORS):
+                log.info("formatted text refused (%s); sending plain text", exc)
+                return await go(Rendered(rendered.source, None, rendered.source))  # type: ignore[operator]
+            raise
+
+
+class Typing:
+    """Keeps "typing…" showing in a chat until stopped."""
+
+    def __init__(self, bot: Bot, chat_id: int, thread_id: int | None) -> None:
+        self.bot, self.chat_id, self.thread_id = bot, chat_id, thread_id
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self._loop(), name=f"typing-{self.chat_id}")
+
+    async def _loop(self) -> None:
+        while True:
+            try:
+                await self.bot.send_chat_action(self.chat_id, ChatAction.TYPING, message_thread_id=self.thread_id)
+            except RetryAfter as exc:
+                retry = translate(exc)
+                await asyncio.sleep(retry.retry_after if isinstance(retry, RetryLater) else TYPING_REFRESH_S)
+                continue
+            except TelegramError as exc:  # typing is cosmetic; never let it disturb the reply
+                log.info("typing action failed: %s", exc)
+            await asyncio.sleep(TYPING_REFRESH_S)
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+            self._task = None
+
+
+class TelegramSink:
+    """The ReplySink for one message: queue position / placeholder, streamed edits, final formatting."""
+
+    def __init__(self, ops: TelegramOps, pacer: Pacer, typing: Typing | None = None) -> None:
+        self.stream: StreamingMessage[int] = StreamingMessage(ops, pacer)
+        self.typing = typing
+        self.final_text: str | None = None
+        self.status: ReplyStatus | None = None
+
+    async def queued(self, position: int, eta_s: float | None) -> None:
+        self.stream.set_status(queue_status(position, eta_s))
+
+    async def started(self) -> None:
+        self.stream.set_status(PLACEHOLDER)
+
+    async def update(self, text: str) -> None:
+        self.stream.update(text)
+
+    async def finish(self, text: str, status: ReplyStatus) -> None:
+        self.status = status
+        await self._final(text)
+
+    async def error(self, message: str) -> None:
+        await self._final(f"⚠️ {message}")
+
+    async def notice(self, text: str) -> None:
+        await self._final(text)
+
+    async def _final(self, text: str) -> None:
+        self.final_text = text
+        if self.typing:
+            await self.typing.stop()
+        await self.stream.finish(text)
+
+    async def close(self) -> None:
+        """After the service is done with this message: stop typing, stop any unfinished stream."""
+        if self.typing:
+            await self.typing.stop()
+        if self.final_text is None:
+            await self.stream.aclose()

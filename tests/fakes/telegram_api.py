@@ -1,0 +1,486 @@
+"""A fake Telegram Bot API server on 127.0.0.1 that speaks the real protocol to real clients.
+
+`POST /bot<token>/<method>` with form (JSON-encoded values, as python-telegram-bot sends) or JSON
+bodies; `{"ok": true, "result": ...}` envelopes; long-polling getUpdates with `offset`; real message
+objects with `bot_command` / `mention` entities; HTML parse mode parsed into entities; and the real
+errors: message is not modified, message is too long (4096 UTF-16 units after parsing), can't parse
+entities, message text is empty, message to edit not found, 429 with `parameters.retry_after`.
+Tests inject updates (`user_says`, `press_button`, `user_sends_sticker`) and errors (`fail_next`,
+`drop_next`), and read every call from `calls`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import html
+import itertools
+import json
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from html.parser import HTMLParser
+from typing import Any
+
+from aiohttp import web
+
+MAX_TEXT = 4096
+MAX_CALLBACK_ANSWER = 200
+BOT_ID = 7000001
+
+# Form fields whose values arrive JSON-encoded (everything else is a plain string).
+_JSON_FIELDS = {
+    "chat_id", "message_id", "offset", "limit", "timeout", "allowed_updates", "reply_markup", "entities",
+    "commands", "scope", "reply_parameters", "link_preview_options", "message_thread_id",
+    "disable_notification", "protect_content", "drop_pending_updates", "show_alert", "cache_time",
+    "allow_sending_without_reply", "reply_to_message_id", "disable_web_page_preview",
+}
+NOT_MODIFIED = ("Bad Request: message is not modified: specified new message content and reply markup are "
+                "exactly the same as a current content and reply markup of the message")
+
+
+def utf16_len(text: str) -> int:
+    return len(text.encode("utf-16-le")) // 2
+
+
+class ApiError(Exception):
+    def __init__(self, code: int, description: str, retry_after: int | None = None) -> None:
+        super().__init__(description)
+        self.code, self.description, self.retry_after = code, description, retry_after
+
+    def body(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"ok": False, "error_code": self.code, "description": self.description}
+        if self.retry_after is not None:
+            out["parameters"] = {"retry_after": self.retry_after}
+        return out
+
+
+def bad_request(text: str) -> ApiError:
+    return ApiError(400, f"Bad Request: {text}")
+
+
+_TAGS = {"b": "bold", "strong": "bold", "i": "italic", "em": "italic", "u": "underline", "ins": "underline",
+         "s": "strikethrough", "strike": "strikethrough", "del": "strikethrough", "code": "code", "pre": "pre",
+         "a": "text_link", "tg-spoiler": "spoiler", "span": "spoiler", "blockquote": "blockquote"}
+
+
+class _TelegramHtml(HTMLParser):
+    """Telegram's HTML subset -> (text, entities); raises ApiError like the server does."""
+
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.text = ""
+        self.entities: list[dict[str, Any]] = []
+        self.stack: list[tuple[str, int, dict[str, Any]]] = []
+
+    def _offset(self) -> int:
+        return utf16_len(self.text)
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        if tag not in _TAGS:
+            raise bad_request(f"can't parse entities: Unsupported start tag \"{tag}\" at byte offset "
+                              f"{len(self.text.encode())}")
+        extra: dict[str, Any] = {}
+        attr = dict(attrs)
+        if tag == "a":
+            if not attr.get("href"):
+                raise bad_request("can't parse entities: Can't find end of the entity starting at byte offset 0")
+            extra["url"] = attr["href"]
+        if tag == "span" and attr.get("class") != "tg-spoiler":
+            raise bad_request("can't parse entities: Tag \"span\" must have class \"tg-spoiler\"")
+        if tag == "code" and self.stack and self.stack[-1][0] == "pre" and attr.get("class", "").startswith(
+                "language-"):
+            self.stack[-1][2]["language"] = attr["class"].removeprefix("language-")
+        self.stack.append((tag, self._offset(), extra))
+
+    def handle_endtag(self, tag: str) -> None:
+        if not self.stack or self.stack[-1][0] != tag:
+            raise bad_request(f"can't parse entities: Can't find end tag corresponding to start tag "
+                              f"\"{self.stack[-1][0] if self.stack else tag}\"")
+        name, start, extra = self.stack.pop()
+        length = self._offset() - start
+        if length > 0:
+            kind = _TAGS[name]
+            if kind == "code" and self.stack and self.stack[-1][0] == "pre":
+                return  # <pre><code class=...> is one pre entity
+            self.entities.append({"type": kind, "offset": start, "length": length, **extra})
+
+    def handle_data(self, data: str) -> None:
+        self.text += data
+
+    def check_raw(self, raw: str) -> None:
+        # A bare "<" or "&" that is not a tag or entity is an error on the real server.
+        for m in re.finditer(r"<(?!/?[a-zA-Z-]+[\s>/]|/?[a-zA-Z-]+$)", raw):
+            raise bad_request(f"can't parse entities: Unsupported start tag \"\" at byte offset {m.start()}")
+        for m in re.finditer(r"&(?!#\d+;|#x[0-9a-fA-F]+;|[a-zA-Z]+;)", raw):
+            raise bad_request(f"can't parse entities: Can't find end of the entity at byte offset {m.start()}")
+
+
+def parse_html(raw: str) -> tuple[str, list[dict[str, Any]]]:
+    p = _TelegramHtml()
+    p.check_raw(raw)
+    p.feed(raw)
+    p.close()
+    if p.stack:
+        raise bad_request(f"can't parse entities: Can't find end tag corresponding to start tag \"{p.stack[-1][0]}\"")
+    p.entities.sort(key=lambda e: (e["offset"], -e["length"]))
+    return p.text, p.entities
+
+
+@dataclass
+class Call:
+    method: str
+    params: dict[str, Any]
+    at: float
+    error: str | None = None
+
+
+@dataclass
+class FakeMessage:
+    chat: dict[str, Any]
+    message_id: int
+    text: str
+    entities: list[dict[str, Any]]
+    from_bot: bool
+    date: int
+    thread_id: int | None = None
+    reply_markup: dict[str, Any] | None = None
+    edits: int = 0
+    deleted: bool = False
+    history: list[str] = field(default_factory=list)
+
+
+@dataclass
+class _Injected:
+    error: ApiError | None  # None: drop the connection
+    times: int
+    when: Callable[[dict[str, Any]], bool] | None = None
+
+
+class FakeTelegram:
+    """The server. `async with FakeTelegram() as tg:` then `Settings(telegram_api_base_url=tg.base_url)`."""
+
+    def __init__(self, token: str = "123456:TEST-token-abcdefghijklmnopqrstuvwx", username: str = "quant_test_bot") -> None:
+        self.token = token
+        self.username = username
+        self.bot_user = {"id": BOT_ID, "is_bot": True, "first_name": "Quant", "username": username,
+                         "can_join_groups": True, "can_read_all_group_messages": False,
+                         "supports_inline_queries": False}
+        self.calls: list[Call] = []
+        self.updates: list[dict[str, Any]] = []
+        self.messages: dict[tuple[int, int], FakeMessage] = {}
+        self.commands: list[dict[str, Any]] = []
+        self._update_ids = itertools.count(1)
+        self._message_ids: dict[int, itertools.count[int]] = {}
+        self._new_update = asyncio.Condition()
+        self._injected: dict[str, list[_Injected]] = {}
+        self._changed = asyncio.Condition()
+        self._runner: web.AppRunner | None = None
+        self.port = 0
+        self.started_at = time.monotonic()
+
+    # --- lifecycle ---
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/bot"
+
+    async def __aenter__(self) -> FakeTelegram:
+        app = web.Application()
+        app.router.add_route("*", "/bot{token}/{method}", self._handle)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        async with self._new_update:
+            self._new_update.notify_all()
+        if self._runner:
+            await self._runner.cleanup()
+
+    # --- injection (what users do) ---
+    def private_chat(self, user_id: int, name: str = "Alice") -> dict[str, Any]:
+        return {"id": user_id, "type": "private", "first_name": name}
+
+    def group_chat(self, chat_id: int, title: str = "Group", forum: bool = False) -> dict[str, Any]:
+        chat: dict[str, Any] = {"id": chat_id, "type": "supergroup" if forum or chat_id < -10**12 else "group",
+                                "title": title}
+        if forum:
+            chat["is_forum"] = True
+        return chat
+
+    def _next_message_id(self, chat_id: int) -> int:
+        return next(self._message_ids.setdefault(chat_id, itertools.count(1)))
+
+    def _entities_for(self, text: str) -> list[dict[str, Any]]:
+        entities = []
+        for m in re.finditer(r"(?<![\w/])/[A-Za-z0-9_]{1,32}(@[A-Za-z0-9_]{5,32})?", text):
+            entities.append({"type": "bot_command", "offset": utf16_len(text[:m.start()]),
+                             "length": utf16_len(m.group(0))})
+        for m in re.finditer(r"(?<![\w@])@[A-Za-z0-9_]{5,32}", text):
+            if text[:m.start()].endswith("/") or re.search(r"/[A-Za-z0-9_]+$", text[:m.start()]):
+                continue
+            entities.append({"type": "mention", "offset": utf16_len(text[:m.start()]), "length": utf16_len(m.group(0))})
+        return sorted(entities, key=lambda e: e["offset"])
+
+    async def _push(self, kind: str, payload: dict[str, Any]) -> dict[str, Any]:
+        update = {"update_id": next(self._update_ids), kind: payload}
+        async with self._new_update:
+            self.updates.append(update)
+            self._new_update.notify_all()
+        return update
+
+    def _user(self, user_id: int, name: str) -> dict[str, Any]:
+        return {"id": user_id, "is_bot": False, "first_name": name, "username": name.lower()}
+
+    async def user_says(self, text: str, *, user_id: int = 1001, name: str = "Alice",
+                        chat: dict[str, Any] | None = None, reply_to: int | None = None,
+                        thread_id: int | None = None, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+        """A person sends `text` (private chat with them unless `chat` is given); returns the update."""
+        chat = chat or self.private_chat(user_id, name)
+        mid = self._next_message_id(chat["id"])
+        msg: dict[str, Any] = {"message_id": mid, "from": self._user(user_id, name), "chat": chat,
+                               "date": int(time.time())}
+        if text:
+            msg["text"] = text
+            ents = self._entities_for(text)
+            if ents:
+                msg["entities"] = ents
+        if thread_id is not None:
+            msg["message_thread_id"] = thread_id
+            msg["is_topic_message"] = True
+        if reply_to is not None:
+            replied = self.messages.get((chat["id"], reply_to))
+            if replied is not None:
+                msg["reply_to_message"] = self._message_json(replied)
+        msg.update(extra or {})
+        self.messages[(chat["id"], mid)] = FakeMessage(chat, mid, text, msg.get("entities", []), False,
+                                                       msg["date"], thread_id)
+        return await self._push("message", msg)
+
+    async def user_sends_sticker(self, *, user_id: int = 1001, name: str = "Alice",
+                                 chat: dict[str, Any] | None = None) -> dict[str, Any]:
+        sticker = {"file_id": "CAACAgIAAxkBAAE", "file_unique_id": "AgADsticker", "type": "regular",
+                   "width": 512, "height": 512, "is_animated": False, "is_video": False, "emoji": "🙂"}
+        return await self.user_says("", user_id=user_id, name=name, chat=chat, extra={"sticker": sticker})
+
+    async def press_button(self, message_id: int, data: str, *, chat: dict[str, Any],
+                           user_id: int = 1001, name: str = "Alice") -> dict[str, Any]:
+        message = self._message_json(self.messages[(chat["id"], message_id)])
+        return await self._push("callback_query", {"id": str(next(self._update_ids) * 7919),
+                                                   "from": self._user(user_id, name), "message": message,
+                                                   "chat_instance": "ci-1", "data": data})
+
+    def delete_message(self, chat_id: int, message_id: int) -> None:
+        """Someone deleted a message (e.g. the reply while it was streaming)."""
+        self.messages[(chat_id, message_id)].deleted = True
+
+    def fail_next(self, method: str, code: int, description: str, *, retry_after: int | None = None,
+                  times: int = 1, when: Callable[[dict[str, Any]], bool] | None = None) -> None:
+        """The next `times` calls of `method` (that satisfy `when`) fail with this error."""
+        self._injected.setdefault(method, []).append(
+            _Injected(ApiError(code, description, retry_after), times, when))
+
+    def drop_next(self, method: str, times: int = 1) -> None:
+        """The next `times` calls of `method` lose their connection (a network error)."""
+        self._injected.setdefault(method, []).append(_Injected(None, times))
+
+    # --- reading what the bot did ---
+    def calls_to(self, method: str, chat_id: int | None = None) -> list[Call]:
+        return [c for c in self.calls if c.method == method and c.error is None
+                and (chat_id is None or c.params.get("chat_id") == chat_id)]
+
+    def bot_messages(self, chat_id: int) -> list[FakeMessage]:
+        return [m for (cid, _), m in sorted(self.messages.items()) if cid == chat_id and m.from_bot and not m.deleted]
+
+    async def wait_for(self, predicate: Callable[[], bool], timeout: float = 10.0) -> None:
+        """Wait until `predicate()` holds (checked after every call the bot makes)."""
+        async def _wait() -> None:
+            async with self._changed:
+                await self._changed.wait_for(predicate)
+        await asyncio.wait_for(_wait(), timeout)
+
+    # --- protocol ---
+    async def _params(self, request: web.Request) -> dict[str, Any]:
+        if request.content_type == "application/json":
+            body = await request.text()
+            return json.loads(body) if body else {}
+        form = await request.post() if request.method == "POST" else request.query
+        params: dict[str, Any] = {}
+        for key, value in form.items():
+            if not isinstance(value, str):
+                continue  # file upload: not needed here
+            if key in _JSON_FIELDS:
+                try:
+                    params[key] = json.loads(value)
+                except json.JSONDecodeError:
+                    params[key] = value
+            else:
+                params[key] = value
+        return params
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        method = request.match_info["method"]
+        if request.match_info["token"] != self.token:
+            return web.json_response({"ok": False, "error_code": 401, "description": "Unauthorized"}, status=401)
+        params = await self._params(request)
+        call = Call(method, params, time.monotonic())
+        self.calls.append(call)
+        try:
+            injected = self._injected.get(method)
+            if injected and (injected[0].when is None or injected[0].when(params)):
+                inj = injected[0]
+                inj.times -= 1
+                if inj.times <= 0:
+                    injected.pop(0)
+                if inj.error is None:
+                    call.error = "dropped"
+                    assert request.transport is not None
+                    request.transport.close()
+                    raise ConnectionResetError("dropped by test")
+                raise inj.error
+            handler = getattr(self, "_m_" + method.lower(), None)
+            if handler is None:
+                raise ApiError(404, "Not Found")
+            result = await handler(params)
+            return web.json_response({"ok": True, "result": result})
+        except ApiError as exc:
+            call.error = exc.description
+            return web.json_response(exc.body(), status=exc.code)
+        finally:
+            async with self._changed:
+                self._changed.notify_all()
+
+    def _message_json(self, m: FakeMessage) -> dict[str, Any]:
+        out: dict[str, Any] = {"message_id": m.message_id, "chat": m.chat, "date": m.date, "text": m.text}
+        out["from"] = self.bot_user if m.from_bot else {"id": m.chat["id"], "is_bot": False, "first_name": "User"}
+        if m.entities:
+            out["entities"] = m.entities
+        if m.thread_id is not None:
+            out["message_thread_id"] = m.thread_id
+            out["is_topic_message"] = True
+        if m.reply_markup:
+            out["reply_markup"] = m.reply_markup
+        if m.edits:
+            out["edit_date"] = int(time.time())
+        return out
+
+    def _chat(self, chat_id: Any) -> dict[str, Any]:
+        try:
+            cid = int(chat_id)
+        except (TypeError, ValueError):
+            raise bad_request("chat not found") from None
+        for (c, _), m in self.messages.items():
+            if c == cid:
+                return m.chat
+        if cid > 0:
+            return self.private_chat(cid)
+        raise bad_request("chat not found")
+
+    def _text(self, params: dict[str, Any]) -> tuple[str, list[dict[str, Any]]]:
+        raw = params.get("text")
+        if raw is None or raw == "":
+            raise bad_request("message text is empty")
+        mode = (params.get("parse_mode") or "").lower()
+        if mode == "html":
+            text, entities = parse_html(str(raw))
+        elif mode == "":
+            text, entities = str(raw), list(params.get("entities") or [])
+        else:
+            raise bad_request(f"unsupported parse_mode {params.get('parse_mode')}")
+        if not text.strip():
+            raise bad_request("message text is empty")
+        if utf16_len(text) > MAX_TEXT:
+            raise bad_request("message is too long")
+        return text, entities
+
+    # --- methods ---
+    async def _m_getme(self, params: dict[str, Any]) -> Any:
+        return self.bot_user
+
+    async def _m_deletewebhook(self, params: dict[str, Any]) -> Any:
+        return True
+
+    async def _m_getupdates(self, params: dict[str, Any]) -> Any:
+        offset = int(params.get("offset") or 0)
+        limit = int(params.get("limit") or 100)
+        timeout = float(params.get("timeout") or 0)
+        if offset:
+            self.updates = [u for u in self.updates if u["update_id"] >= offset]  # confirmed ones go
+        deadline = time.monotonic() + timeout
+        async with self._new_update:
+            while True:
+                pending = [u for u in self.updates if u["update_id"] >= offset]
+                left = deadline - time.monotonic()
+                if pending or left <= 0:
+                    return pending[:limit]
+                try:
+                    await asyncio.wait_for(self._new_update.wait(), left)
+                except TimeoutError:
+                    return []
+
+    async def _m_setmycommands(self, params: dict[str, Any]) -> Any:
+        commands = params.get("commands") or []
+        for c in commands:
+            if not re.fullmatch(r"[a-z0-9_]{1,32}", c.get("command", "")) or not 1 <= len(c.get("description", "")) <= 256:
+                raise bad_request("BOT_COMMAND_INVALID")
+        self.commands = commands
+        return True
+
+    async def _m_getmycommands(self, params: dict[str, Any]) -> Any:
+        return self.commands
+
+    async def _m_sendchataction(self, params: dict[str, Any]) -> Any:
+        self._chat(params.get("chat_id"))
+        if params.get("action") not in {"typing", "upload_photo", "record_video", "upload_document"}:
+            raise bad_request("wrong parameter action in request")
+        return True
+
+    async def _m_sendmessage(self, params: dict[str, Any]) -> Any:
+        chat = self._chat(params.get("chat_id"))
+        text, entities = self._text(params)
+        mid = self._next_message_id(chat["id"])
+        thread = params.get("message_thread_id")
+        m = FakeMessage(chat, mid, text, entities, True, int(time.time()), int(thread) if thread else None,
+                        params.get("reply_markup"))
+        m.history.append(text)
+        self.messages[(chat["id"], mid)] = m
+        return self._message_json(m)
+
+    async def _m_editmessagetext(self, params: dict[str, Any]) -> Any:
+        chat = self._chat(params.get("chat_id"))
+        m = self.messages.get((chat["id"], int(params.get("message_id") or 0)))
+        if m is None or m.deleted:
+            raise bad_request("message to edit not found")
+        if not m.from_bot:
+            raise bad_request("message can't be edited")
+        text, entities = self._text(params)
+        markup = params.get("reply_markup")
+        if text == m.text and entities == m.entities and markup == m.reply_markup:
+            raise bad_request(NOT_MODIFIED)
+        m.text, m.entities, m.reply_markup = text, entities, markup
+        m.edits += 1
+        m.history.append(text)
+        return self._message_json(m)
+
+    async def _m_deletemessage(self, params: dict[str, Any]) -> Any:
+        chat = self._chat(params.get("chat_id"))
+        m = self.messages.get((chat["id"], int(params.get("message_id") or 0)))
+        if m is None or m.deleted:
+            raise bad_request("message to delete not found")
+        m.deleted = True
+        return True
+
+    async def _m_answercallbackquery(self, params: dict[str, Any]) -> Any:
+        if len(params.get("text") or "") > MAX_CALLBACK_ANSWER:
+            raise bad_request("MESSAGE_TOO_LONG")
+        return True
+
+    async def _m_close(self, params: dict[str, Any]) -> Any:
+        return True
+
+
+def escape(text: str) -> str:
+    return html.escape(text, quote=False)
