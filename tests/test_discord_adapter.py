@@ -72,47 +72,53 @@ class World:
         return [content for role, content, _ in await self.stored(channel) if role == "assistant"]
 
 
+@asynccontextmanager
+async def running_world(make_service: Callable[..., AbstractAsyncContextManager[ChatService]],
+                        monkeypatch: pytest.MonkeyPatch, fake_kwargs: dict[str, Any] | None = None,
+                        sync_to_guild: bool = False, settings: Callable[[dict[str, Json]], dict[str, Any]] | None = None,
+                        **kwargs: Any) -> AsyncIterator[World]:
+    """A fake Discord (a guild with #general and #random, alice with the "chatters" role, bob, alice's DM)
+    and the real adapter connected to it, around the service `make_service(**settings)` makes.
+
+    `fake_kwargs` go to FakeDiscord; `sync_to_guild=True` sets DISCORD_GUILD_IDS to the test guild;
+    `settings(ids)` may compute settings from the fake's objects (users, roles, channels).
+    """
+    fake = FakeDiscord(**(fake_kwargs or {}))
+    guild = fake.add_guild(roles=["chatters"])
+    channel, other = fake.add_channel(guild, "general"), fake.add_channel(guild, "random")
+    alice, bob = fake.add_user("alice"), fake.add_user("bob")
+    fake.add_member(guild["id"], alice, ["chatters"])
+    fake.add_member(guild["id"], bob)
+    dm = fake.add_dm(alice)
+    await fake.start()
+    monkeypatch.setattr(discord.http.Route, "BASE", fake.api_base)
+    monkeypatch.setattr(DiscordWebSocket, "DEFAULT_GATEWAY", yarl.URL(fake.gateway_url))
+    kwargs.setdefault("discord_edit_interval_s", FAST_EDITS)
+    if sync_to_guild:
+        kwargs["discord_guild_ids"] = guild["id"]
+    if settings is not None:
+        kwargs.update(settings({"guild": guild, "channel": channel, "other": other, "alice": alice, "bob": bob}))
+    try:
+        async with make_service(discord_bot_token=fake.token, **kwargs) as service:
+            adapter = DiscordAdapter(service.settings, service, guild_ready_timeout_s=0.1)
+            await adapter.start()
+            try:
+                await asyncio.wait_for(adapter.ready.wait(), 10)
+                yield World(fake, adapter, service, guild, channel, other, alice, bob, dm)
+            finally:
+                await adapter.stop()
+    finally:
+        await fake.close()
+
+
 @pytest.fixture
 def discord_world(make_toy_service: Callable[..., AbstractAsyncContextManager[ChatService]],
                   monkeypatch: pytest.MonkeyPatch) -> Callable[..., AbstractAsyncContextManager[World]]:
-    """`async with discord_world(**settings_or_engine_kwargs) as w:` -> a bot connected to a fake Discord.
+    """`async with discord_world(**settings_or_engine_kwargs) as w:` -> a bot on the toy service."""
 
-    `fake_kwargs` go to FakeDiscord; `sync_to_guild=True` sets DISCORD_GUILD_IDS to the test guild;
-    `settings(world_dict)` may compute settings from the fake's ids (users, roles, channels).
-    """
-
-    @asynccontextmanager
-    async def make(fake_kwargs: dict[str, Any] | None = None, sync_to_guild: bool = False,
-                   settings: Callable[[dict[str, Json]], dict[str, Any]] | None = None,
-                   **kwargs: Any) -> AsyncIterator[World]:
-        fake = FakeDiscord(**(fake_kwargs or {}))
-        guild = fake.add_guild(roles=["chatters"])
-        channel, other = fake.add_channel(guild, "general"), fake.add_channel(guild, "random")
-        alice, bob = fake.add_user("alice"), fake.add_user("bob")
-        fake.add_member(guild["id"], alice, ["chatters"])
-        fake.add_member(guild["id"], bob)
-        dm = fake.add_dm(alice)
-        await fake.start()
-        monkeypatch.setattr(discord.http.Route, "BASE", fake.api_base)
-        monkeypatch.setattr(DiscordWebSocket, "DEFAULT_GATEWAY", yarl.URL(fake.gateway_url))
-        kwargs.setdefault("discord_edit_interval_s", FAST_EDITS)
+    def make(**kwargs: Any) -> AbstractAsyncContextManager[World]:
         kwargs.setdefault("delay_s", 0.01)
-        if sync_to_guild:
-            kwargs["discord_guild_ids"] = guild["id"]
-        if settings is not None:
-            kwargs.update(settings({"guild": guild, "channel": channel, "other": other, "alice": alice,
-                                    "bob": bob, "role": {"id": fake.role_id(guild, "chatters")}}))
-        try:
-            async with make_toy_service(discord_bot_token=fake.token, **kwargs) as service:
-                adapter = DiscordAdapter(service.settings, service, guild_ready_timeout_s=0.1)
-                await adapter.start()
-                try:
-                    await asyncio.wait_for(adapter.ready.wait(), 10)
-                    yield World(fake, adapter, service, guild, channel, other, alice, bob, dm)
-                finally:
-                    await adapter.stop()
-        finally:
-            await fake.close()
+        return running_world(make_toy_service, monkeypatch, **kwargs)
 
     return make
 
@@ -353,7 +359,8 @@ async def test_unauthorized_users_are_refused_politely_and_privately(discord_wor
         refused = await w.chat("let me in", user=w.bob)
         assert refused.ephemeral and refused.content == "Sorry, you are not allowed to use this bot."
         await w.say(f"{w.fake.mention()} please?", user=w.bob)
-        (reply,) = [m for m in w.fake.bot_messages(w.channel) if "webhook_id" not in m]
+        await w.say(f"{w.fake.mention()} pretty please?", user=w.bob)
+        (reply,) = [m for m in w.fake.bot_messages(w.channel) if "webhook_id" not in m]  # told once, not twice
         assert reply["content"] == "Sorry, you are not allowed to use this bot."
         assert (await w.chat("hi")).content == "You said: hi (turn 1)"  # alice is fine
         assert w.service.toy_engines.engines["toy-a"].prompts[-1][-1].content == "hi"

@@ -40,6 +40,7 @@ GUILD_READY_TIMEOUT_S = 2.0  # discord.py waits this long after the last GUILD_C
 LOGIN_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 10.0  # for the gateway task to end after the client closed
 STOP_GRACE_S = 5.0  # replies in progress get this long to finish before the client disconnects
+REFUSAL_COOLDOWN_S = 3600.0  # a refused person is told "not allowed" (mentions, DMs) at most once per this long
 
 PLATFORM = "discord"
 NOT_HERE = "Sorry, I don't answer in this channel."
@@ -94,6 +95,7 @@ class DiscordAdapter:
         self._task: asyncio.Task[None] | None = None
         self._pacers: dict[int, Pacer] = {}
         self._in_flight: set[asyncio.Task[object]] = set()
+        self._refused: dict[int, float] = {}  # user id -> when they were last told "not allowed"
 
     # --- lifecycle ---------------------------------------------------------------------------
     def _token(self) -> str:
@@ -262,6 +264,11 @@ class DiscordAdapter:
             log.info("Discord: ignoring a message in channel %s (not in DISCORD_ALLOWED_CHANNELS)",
                      message.channel.id)
             return
+        if not access.allowed:  # say it once, not at every mention (slash commands always answer privately)
+            now = asyncio.get_running_loop().time()
+            if now - self._refused.get(message.author.id, -REFUSAL_COOLDOWN_S) < REFUSAL_COOLDOWN_S:
+                return
+            self._refused[message.author.id] = now
 
         async def typing() -> None:
             try:
