@@ -252,6 +252,12 @@ async def test_a_mention_is_answered_with_a_reply_that_is_then_edited(discord_wo
         assert prompt[-1].content == "count please"  # the mention itself is not part of the prompt
 
 
+async def test_mentioning_the_bots_role_counts_as_mentioning_the_bot(discord_world) -> None:
+    async with discord_world() as w:
+        await w.say(f"{w.fake.bot_role_mention(w.guild)} are you there?")
+        assert [m["content"] for m in w.fake.bot_messages(w.channel)] == ["You said: are you there? (turn 1)"]
+
+
 async def test_channel_messages_that_do_not_address_the_bot_are_ignored(discord_world) -> None:
     async with discord_world() as w:
         await w.say("just chatting among people")

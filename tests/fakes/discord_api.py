@@ -147,7 +147,10 @@ class FakeDiscord:
         gid = snowflake()
         role_list = [{"id": gid, "name": "@everyone", "permissions": "1071698660929", "position": 0,
                       "color": 0, "hoist": False, "managed": False, "mentionable": False, "flags": 0}]
-        for i, role in enumerate(roles, 1):
+        role_list.append({"id": snowflake(), "name": "quantbot", "permissions": "0", "position": 1, "color": 0,
+                          "hoist": False, "managed": True, "mentionable": True, "flags": 0,
+                          "tags": {"bot_id": self.app_id}})  # the role Discord gives an installed bot
+        for i, role in enumerate(roles, 2):
             role_list.append({"id": snowflake(), "name": role, "permissions": "0", "position": i, "color": 0,
                               "hoist": False, "managed": False, "mentionable": True, "flags": 0})
         guild = {"id": gid, "name": name, "owner_id": self.owner["id"], "roles": role_list, "channels": [],
@@ -357,7 +360,8 @@ class FakeDiscord:
         mentioned = sorted(set(re.findall(r"<@!?(\d+)>", content)))
         msg: Json = {"id": snowflake(), "channel_id": channel_id, "author": author, "content": content,
                      "timestamp": _now_iso(), "edited_timestamp": None, "tts": False, "mention_everyone": False,
-                     "mentions": [self.users[u] for u in mentioned if u in self.users], "mention_roles": [],
+                     "mentions": [self.users[u] for u in mentioned if u in self.users],
+                     "mention_roles": sorted(set(re.findall(r"<@&(\d+)>", content))),
                      "attachments": [], "embeds": [], "pinned": False, "type": 0, "flags": flags, "components": []}
         if reference is not None:
             msg["type"] = 19
@@ -400,6 +404,10 @@ class FakeDiscord:
 
     def mention(self) -> str:
         return f"<@{self.app_id}>"
+
+    def bot_role_mention(self, guild: Json) -> str:
+        """What Discord's client inserts when someone picks the bot's managed role from the @ list."""
+        return f"<@&{next(r['id'] for r in guild['roles'] if r.get('tags', {}).get('bot_id') == self.app_id)}>"
 
     def _find_command(self, name: str, guild_id: str | None) -> tuple[Json, str | None]:
         if guild_id and any(c["name"] == name for c in self.commands.get(guild_id, [])):

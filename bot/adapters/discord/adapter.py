@@ -238,6 +238,9 @@ class DiscordAdapter:
             return True
         if any(u.id == me.id for u in message.mentions):
             return True
+        own_role = message.guild.self_role  # "@quantbot" picked as the bot's managed role
+        if own_role is not None and own_role in message.role_mentions:
+            return True
         ref = message.reference.resolved if message.reference else None
         return isinstance(ref, discord.Message) and ref.author.id == me.id
 
@@ -246,6 +249,9 @@ class DiscordAdapter:
         text = message.content
         if me is not None:
             text = re.sub(rf"<@!?{me.id}>", " ", text)
+        own_role = message.guild.self_role if message.guild else None
+        if own_role is not None:
+            text = text.replace(own_role.mention, " ")
         return text.strip()
 
     async def on_message(self, message: discord.Message) -> None:
