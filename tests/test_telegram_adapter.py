@@ -19,12 +19,13 @@ FAST = {"telegram_edit_interval_private_s": 0.05, "telegram_edit_interval_group_
 
 
 @asynccontextmanager
-async def running_bot(make_toy_service: MakeService, **overrides: Any) -> AsyncIterator[tuple[FakeTelegram, ChatService]]:
+async def running_bot(make_toy_service: MakeService, *, grace: float = 5.0,
+                      **overrides: Any) -> AsyncIterator[tuple[FakeTelegram, ChatService]]:
     """Fake server + toy service + the real adapter polling it."""
     async with FakeTelegram() as fake:
         settings = {"telegram_bot_token": fake.token, "telegram_api_base_url": fake.base_url, **FAST, **overrides}
         async with make_toy_service(**settings) as service:
-            adapter = TelegramAdapter(service.settings, service, poll_timeout=1, stop_grace=5)
+            adapter = TelegramAdapter(service.settings, service, poll_timeout=1, stop_grace=grace)
             await adapter.start()
             try:
                 yield fake, service
@@ -261,3 +262,13 @@ async def test_bad_token_is_a_clear_error_without_the_token(make_toy_service: Ma
             with pytest.raises(BotError) as err:
                 await adapter.start()
             assert bad not in str(err.value) and "token" in str(err.value).lower()
+
+
+async def test_stop_mid_reply_marks_the_message(make_toy_service: MakeService) -> None:
+    prompt = " ".join(f"w{i}" for i in range(30))
+    async with running_bot(make_toy_service, delay_s=0.1, grace=0.3) as (fake, service):
+        await fake.user_says(prompt)
+        await wait_contains(fake, ALICE, "You said: w0")  # streaming has begun
+    shown = texts(fake, ALICE)
+    assert len(shown) == 1 and shown[0].startswith("You said: w0")
+    assert shown[0].endswith("(stopped: the bot is restarting; please ask again in a minute)")

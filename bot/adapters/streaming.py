@@ -133,6 +133,11 @@ class StreamingMessage(Generic[H]):
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
+    @property
+    def text(self) -> str:
+        """The latest reply text received (not necessarily shown yet)."""
+        return self._final if self._final is not None else self._text
+
     # --- what the adapter calls ---
     def set_status(self, status: str) -> None:
         """Shown while the reply has no text yet (placeholder, queue position)."""

@@ -25,7 +25,8 @@ log = logging.getLogger(__name__)
 
 # --- tuning ---
 POLL_TIMEOUT_S = 10.0  # getUpdates long-poll; tests use ~1 s so shutdown is quick
-STOP_GRACE_S = 30.0  # how long stop() waits for replies in progress to be finished or marked
+STOP_GRACE_S = 5.0  # stop() lets replies in progress run this long, then marks them (docker stop: 10 s)
+STOPPED_NOTE = "(stopped: the bot is restarting; please ask again in a minute)"
 REFUSAL_COOLDOWN_S = 3600.0  # a refused user hears "not allowed" at most once per this long
 MODEL_BUTTON_PREFIX = "model:"
 UNSUPPORTED = ("I can only read text messages. Please type your question "
@@ -238,7 +239,9 @@ class TelegramAdapter:
                 await sink.error("Sorry, something went wrong on my side. Please try again.")
         except asyncio.CancelledError:
             if sink.final_text is None:  # shutting down mid-reply: say so rather than leave it hanging
-                await asyncio.shield(sink.finish("(stopped: the bot is restarting)", ReplyStatus.CANCELLED))
+                partial = sink.stream.text
+                final = f"{partial}\n\n{STOPPED_NOTE}" if partial.strip() else STOPPED_NOTE
+                await asyncio.shield(sink.finish(final, ReplyStatus.CANCELLED))
             raise
         finally:
             await sink.close()
