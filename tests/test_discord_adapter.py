@@ -357,6 +357,15 @@ async def test_the_adapter_switches_to_channel_messages_before_the_token_expires
         assert later[-1]["content"] == " ".join(f"w{i}" for i in range(60))
 
 
+async def test_missing_permissions_give_up_at_once_and_the_reply_is_still_stored(discord_world) -> None:
+    async with discord_world() as w:
+        w.fake.fail_next("POST", r"/channels/\d+/messages$", status=403, code=50013, message="Missing Permissions",
+                         count=100)
+        await w.say(f"{w.fake.mention()} hello")
+        assert len(w.fake.calls_to("POST", r"/channels/\d+/messages$")) == 1  # no retry storm
+        assert await w.stored_replies(w.channel) == ["You said: hello (turn 1)"]
+
+
 # --------------------------------------------------------------------------- access
 
 

@@ -10,7 +10,8 @@ Two targets:
 
 Discord errors map onto the loop's exceptions: 429s that discord.py did not retry itself ->
 `RetryLater`, 10008 Unknown Message -> `MessageGone`, 50035 on content -> `TooLong`,
-5xx and network errors -> `TransientError`.
+403 Forbidden (missing permissions, blocked DMs) -> `Fatal`, 5xx and network errors ->
+`TransientError`.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from typing import Any, TypeVar
 import aiohttp
 import discord
 
-from bot.adapters.streaming import MessageGone, MessageOps, RetryLater, TooLong, TransientError
+from bot.adapters.streaming import Fatal, MessageGone, MessageOps, RetryLater, TooLong, TransientError
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +58,8 @@ async def call_discord(request: Callable[[], Awaitable[T]]) -> T:
             raise RetryLater(float(retry) if retry else DEFAULT_RETRY_AFTER_S) from exc
         if exc.code == UNKNOWN_MESSAGE:
             raise MessageGone(str(exc)) from exc
+        if exc.status == 403:
+            raise Fatal(str(exc)) from exc
         if exc.code == INVALID_FORM_BODY and "content" in str(exc.text):
             raise TooLong(str(exc)) from exc
         if exc.status >= 500:
@@ -144,10 +147,10 @@ class InteractionOps(MessageOps[Sent]):
                 if not self.token_dead:
                     raise
         if self.ephemeral:  # an ephemeral answer must not become public; nothing else can carry it
-            raise MessageGone("interaction token expired; cannot send an ephemeral message")
+            raise Fatal("interaction token expired; an ephemeral answer cannot be sent any more")
         channel = self.interaction.channel
         if channel is None or not hasattr(channel, "send"):
-            raise MessageGone("interaction token expired and the channel is unknown")
+            raise Fatal("interaction token expired and the channel is unknown")
         msg = await call_discord(lambda: channel.send(content, allowed_mentions=NO_PINGS))  # type: ignore[union-attr]
         return Sent(msg, via_token=False)
 
