@@ -29,7 +29,7 @@ async def test_chat_and_mention_on_the_real_gptq_build(tmp_path: Path, prepared_
     async with running_world(real_service, monkeypatch, discord_edit_interval_s=0.02) as w:
         inter = await w.fake.interact("chat", w.alice, w.channel, {"prompt": "What is the capital of France?"})
         await w.until_idle(timeout=120)
-        assert inter.ack_type == 5 and inter.acked_at - inter.created < 3.0
+        assert inter.ack_type == 5  # deferred within the 3 s the fake enforces
         assert inter.original_edits and growing(inter.original_edits)
         (first,) = [r for r in await w.stored(w.channel) if r[0] == "assistant"]
         assert first[2] == "complete" and first[1].strip()
