@@ -40,6 +40,11 @@ COMMAND_HELP = {
 }
 
 
+def _quiet_retry_after(record: logging.LogRecord) -> bool:
+    """AIORateLimiter(max_retries=0) logs every RetryAfter with a traceback; our edit loop handles them."""
+    return "Rate limit hit after maximum" not in record.getMessage()
+
+
 class TelegramAdapter:
     """`await start()` begins polling (non-blocking); `await stop()` shuts down gracefully."""
 
@@ -69,9 +74,9 @@ class TelegramAdapter:
         self.app.add_handler(MessageHandler(filters.UpdateType.MESSAGE, self._on_message))
         self.app.add_handler(CallbackQueryHandler(self._on_button, pattern=f"^{MODEL_BUTTON_PREFIX}"))
         self.app.add_error_handler(self._on_error)
-        # max_retries=0: RetryAfter reaches our edit loop, which coalesces edits while it waits.
-        logging.getLogger("telegram.ext.AIORateLimiter").addFilter(
-            lambda r: "Rate limit hit after maximum" not in r.getMessage())
+        limiter_log = logging.getLogger("telegram.ext.AIORateLimiter")
+        if _quiet_retry_after not in limiter_log.filters:
+            limiter_log.addFilter(_quiet_retry_after)
 
     # --- lifecycle ---
     async def start(self) -> None:
