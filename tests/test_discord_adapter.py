@@ -358,6 +358,17 @@ async def test_the_adapter_switches_to_channel_messages_before_the_token_expires
         assert later[-1]["content"] == " ".join(f"w{i}" for i in range(60))
 
 
+async def test_a_reply_deleted_while_streaming_continues_in_a_new_message(discord_world) -> None:
+    async with discord_world(script=words_script(60), delay_s=0.02) as w:
+        await w.fake.user_message(w.channel, w.alice, f"{w.fake.mention()} count")
+        await w.fake.wait_for(lambda: any(m.get("_edits") for m in w.fake.bot_messages(w.channel)))
+        await w.fake.delete_message(w.fake.bot_messages(w.channel)[0])
+        await w.until_idle()
+        assert [c.status for c in w.fake.calls if c.method == "PATCH"].count(404) >= 1
+        (survivor,) = w.fake.bot_messages(w.channel)
+        assert survivor["content"] == " ".join(f"w{i}" for i in range(60))
+
+
 async def test_missing_permissions_give_up_at_once_and_the_reply_is_still_stored(discord_world) -> None:
     async with discord_world() as w:
         w.fake.fail_next("POST", r"/channels/\d+/messages$", status=403, code=50013, message="Missing Permissions",

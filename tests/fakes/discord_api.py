@@ -402,6 +402,14 @@ class FakeDiscord:
         await self.dispatch("MESSAGE_CREATE", self._for_gateway(msg))
         return msg
 
+    async def delete_message(self, message: Json) -> None:
+        """Someone (a moderator) deletes a message; the bot gets MESSAGE_DELETE."""
+        self.messages[message["channel_id"]].pop(message["id"], None)
+        data = {"id": message["id"], "channel_id": message["channel_id"]}
+        if "guild_id" in message:
+            data["guild_id"] = message["guild_id"]
+        await self.dispatch("MESSAGE_DELETE", data)
+
     def mention(self) -> str:
         return f"<@{self.app_id}>"
 

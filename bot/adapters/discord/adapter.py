@@ -62,6 +62,9 @@ def build_intents(message_content: bool) -> discord.Intents:
 
 class _Client(discord.Client):
     def __init__(self, adapter: DiscordAdapter, message_content: bool, guild_ready_timeout: float) -> None:
+        # A text bot: no "PyNaCl/davey is not installed, voice will NOT be supported" warnings at start.
+        discord.VoiceClient.warn_nacl = False
+        discord.VoiceClient.warn_dave = False
         super().__init__(intents=build_intents(message_content), allowed_mentions=discord.AllowedMentions.none(),
                          guild_ready_timeout=guild_ready_timeout, chunk_guilds_at_startup=False)
         self.adapter = adapter
