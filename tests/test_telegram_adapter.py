@@ -272,3 +272,23 @@ async def test_stop_mid_reply_marks_the_message(make_toy_service: MakeService) -
     shown = texts(fake, ALICE)
     assert len(shown) == 1 and shown[0].startswith("You said: w0")
     assert shown[0].endswith("(stopped: the bot is restarting; please ask again in a minute)")
+
+
+async def test_paced_streaming_stays_within_flood_control(make_toy_service: MakeService) -> None:
+    prompt = " ".join(f"w{i}" for i in range(40))
+    async with running_bot(make_toy_service, delay_s=0.03, telegram_edit_interval_private_s=0.3) as (fake, service):
+        fake.flood_interval, fake.flood_burst = 0.25, 2  # this chat's flood limit: 4 messages a second
+        await fake.user_says(prompt)
+        await wait_text(fake, ALICE, f"You said: {prompt} (turn 1)")
+        assert len(fake.calls_to("editMessageText", ALICE)) >= 2
+        assert not [c for c in fake.calls if c.error and "Too Many Requests" in c.error]
+
+
+async def test_editing_too_fast_draws_429_and_the_final_text_still_lands(make_toy_service: MakeService) -> None:
+    prompt = " ".join(f"w{i}" for i in range(40))
+    async with running_bot(make_toy_service, delay_s=0.03, telegram_edit_interval_private_s=0.0) as (fake, service):
+        fake.flood_interval, fake.flood_burst = 0.5, 2
+        await fake.user_says(prompt)
+        await wait_text(fake, ALICE, f"You said: {prompt} (turn 1)")
+        assert [c for c in fake.calls if c.error and "Too Many Requests" in c.error]  # it did flood
+        assert fake.bot_messages(ALICE)[-1].text == f"You said: {prompt} (turn 1)"

@@ -178,6 +178,11 @@ class FakeTelegram:
         self._runner: web.AppRunner | None = None
         self.port = 0
         self.started_at = time.monotonic()
+        # Flood control per chat, off unless a test sets it: a bucket of `burst` messages refilled one
+        # per `flood_interval` seconds; sends and edits both count (as on Telegram).
+        self.flood_interval: float | None = None
+        self.flood_burst = 3
+        self._buckets: dict[int, tuple[float, float]] = {}
 
     # --- lifecycle ---
     @property
@@ -396,6 +401,18 @@ class FakeTelegram:
             raise bad_request("message is too long")
         return text, entities
 
+    def _flood_check(self, chat_id: int) -> None:
+        if not self.flood_interval:
+            return
+        now = time.monotonic()
+        tokens, last = self._buckets.get(chat_id, (float(self.flood_burst), now))
+        tokens = min(float(self.flood_burst), tokens + (now - last) / self.flood_interval)
+        if tokens < 1:
+            wait = (1 - tokens) * self.flood_interval
+            self._buckets[chat_id] = (tokens, now)
+            raise ApiError(429, f"Too Many Requests: retry after {max(1, round(wait))}", max(1, round(wait)))
+        self._buckets[chat_id] = (tokens - 1, now)
+
     # --- methods ---
     async def _m_getme(self, params: dict[str, Any]) -> Any:
         return self.bot_user
@@ -441,6 +458,7 @@ class FakeTelegram:
     async def _m_sendmessage(self, params: dict[str, Any]) -> Any:
         chat = self._chat(params.get("chat_id"))
         text, entities = self._text(params)
+        self._flood_check(chat["id"])
         mid = self._next_message_id(chat["id"])
         thread = params.get("message_thread_id")
         m = FakeMessage(chat, mid, text, entities, True, int(time.time()), int(thread) if thread else None,
@@ -460,6 +478,7 @@ class FakeTelegram:
         markup = params.get("reply_markup")
         if text == m.text and entities == m.entities and markup == m.reply_markup:
             raise bad_request(NOT_MODIFIED)
+        self._flood_check(chat["id"])
         m.text, m.entities, m.reply_markup = text, entities, markup
         m.edits += 1
         m.history.append(text)
