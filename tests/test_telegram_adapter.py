@@ -129,6 +129,8 @@ async def test_group_answers_only_when_addressed(make_toy_service: MakeService) 
         await wait_text(fake, -100, "You said: and AWQ? (turn 2)")
         await fake.user_says("/help@quant_test_bot", chat=group)
         await wait_contains(fake, -100, "/reset")
+        await fake.user_says("/reset", chat=group)  # a bare command: for every bot in the group, us included
+        await wait_contains(fake, -100, "History cleared")
         await fake.user_says("nobody asked the bot", chat=group)
         await asyncio.sleep(0.3)
         assert not any("nobody" in t for t in texts(fake, -100))

@@ -97,20 +97,22 @@ def cmd_bench_telegram(args: argparse.Namespace, settings: Settings) -> int:
     print(f"toy model: {words} words at {1 / WORD_DELAY_S:.0f} words/s "
           f"(generation {words * WORD_DELAY_S:.1f} s a reply, one reply at a time); "
           f"edit interval {base.telegram_edit_interval_private_s:.1f} s")
-    print(f"{'chats':>5} {'first text p50':>15} {'max':>7} {'final p50':>10} {'max':>7} {'edits/chat':>11} {'errors':>7}")
+    print(f"{'chats':>5} {'1st msg max':>12} {'first text p50':>15} {'max':>7} {'final p50':>10} {'max':>7} {'edits/chat':>11} {'errors':>7}")
     for n in CONCURRENCY:
         rows = asyncio.run(_one_round(base, n, words))
         first = [r["first_text_s"] for r in rows]
         final = [r["final_s"] for r in rows]
-        summary = {"first_text_p50_s": round(statistics.median(first), 3), "first_text_max_s": max(first),
+        summary = {"first_message_max_s": max(r["first_message_s"] for r in rows),
+                   "first_text_p50_s": round(statistics.median(first), 3), "first_text_max_s": max(first),
                    "final_p50_s": round(statistics.median(final), 3), "final_max_s": max(final),
                    "edits_per_chat": round(statistics.mean(r["edits"] for r in rows), 1),
                    "errors": sum(r["errors"] for r in rows), "chats": rows}
         report["runs"][str(n)] = summary
-        print(f"{n:>5} {summary['first_text_p50_s']:>14.2f}s {summary['first_text_max_s']:>6.2f}s "
+        print(f"{n:>5} {summary['first_message_max_s']:>11.2f}s {summary['first_text_p50_s']:>14.2f}s {summary['first_text_max_s']:>6.2f}s "
               f"{summary['final_p50_s']:>9.2f}s {summary['final_max_s']:>6.2f}s "
               f"{summary['edits_per_chat']:>11} {summary['errors']:>7}")
-    out = Path(args.out) if args.out else Path("bench-telegram.json")
+    out = Path(args.out or "bench/telegram.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2))
-    print(f"saved {out}")
+    print(f"wrote {out}")
     return 0

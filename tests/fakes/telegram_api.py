@@ -12,7 +12,6 @@ Tests inject updates (`user_says`, `press_button`, `user_sends_sticker`) and err
 from __future__ import annotations
 
 import asyncio
-import html
 import itertools
 import json
 import re
@@ -499,7 +498,3 @@ class FakeTelegram:
 
     async def _m_close(self, params: dict[str, Any]) -> Any:
         return True
-
-
-def escape(text: str) -> str:
-    return html.escape(text, quote=False)
