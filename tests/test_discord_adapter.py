@@ -399,6 +399,23 @@ async def test_allowed_roles_let_members_with_the_role_in(discord_world) -> None
         assert (await w.chat("me too", user=w.bob)).content == "Sorry, you are not allowed to use this bot."
 
 
+async def test_allowed_chats_let_everyone_in_a_listed_channel_in(discord_world) -> None:
+    async with discord_world(settings=lambda ids: {"allowed_chats": ids["channel"]["id"]}) as w:
+        assert (await w.chat("hi", user=w.bob)).content == "You said: hi (turn 1)"
+        refused = await w.chat("hi", user=w.bob, channel=w.other_channel)
+        assert refused.content == "Sorry, you are not allowed to use this bot."
+
+
+async def test_stopping_the_bot_mid_reply_leaves_a_note_not_a_hanging_message(discord_world) -> None:
+    async with discord_world(script=words_script(150), delay_s=0.02) as w:
+        w.adapter.stop_grace_s = 0.3
+        inter = await w.fake.interact("chat", w.alice, w.channel, {"prompt": "long"})
+        await w.fake.wait_for(lambda: len(inter.original_edits) >= 2)
+        await w.adapter.stop()
+        assert inter.content.startswith("w0 w1") and inter.content.endswith(
+            "(stopped: the bot is restarting; please ask again in a minute)")
+
+
 async def test_outside_the_allowed_channels_the_bot_stays_silent(discord_world) -> None:
     async with discord_world(settings=lambda ids: {"discord_allowed_channels": ids["channel"]["id"]}) as w:
         await w.say(f"{w.fake.mention()} hello?", channel=w.other_channel)

@@ -3,11 +3,11 @@
 Rules (settings are lists of ids; roles may also be given by name, case-insensitive):
 - DISCORD_ALLOWED_CHANNELS, when set, limits the guild channels the bot works in; a thread counts
   as its parent channel too. DMs are not channels of a guild and are not limited by it.
-- ALLOWED_USERS and DISCORD_ALLOWED_ROLES together say who may use the bot: a person is allowed
-  when either list names them (a DM has no roles, so there only ALLOWED_USERS can). Both empty:
-  everyone is allowed.
+- ALLOWED_USERS, DISCORD_ALLOWED_ROLES and ALLOWED_CHATS together say who may use the bot, as on
+  Telegram: a person is allowed when ALLOWED_USERS names them, they have a listed role (a DM has
+  no roles), or the DM/channel/thread (or a thread's parent) is in ALLOWED_CHATS. All three
+  empty: everyone is allowed. (The generic lists may mix Telegram and Discord ids.)
 - ADMIN_USERS are always allowed (in allowed channels); when it is empty everyone counts as admin.
-The generic ALLOWED_CHATS holds Telegram chat ids and is not used here.
 """
 
 from __future__ import annotations
@@ -51,11 +51,12 @@ def judge(settings: Settings, user: discord.abc.User, channel: object, in_guild:
 
     users = _ids(settings.allowed_users)
     roles = {r.lower() for r in _ids(settings.discord_allowed_roles)}
-    if not users and not roles:
+    chats = _ids(settings.allowed_chats)
+    if not users and not roles and not chats:
         allowed = True
     else:
         member_roles = getattr(user, "roles", []) if in_guild else []
         has_role = any(str(r.id) in roles or r.name.lower() in roles for r in member_roles)
-        allowed = user_id in users or has_role
+        allowed = user_id in users or has_role or bool(channel_ids(channel) & chats)
     allowed = allowed or (bool(admins) and user_id in admins)
     return Access(channel_ok=channel_ok, allowed=channel_ok and allowed, admin=is_admin)

@@ -29,7 +29,7 @@ from bot.adapters.discord.ops import INTERACTION_TOKEN_TTL_S, ChannelOps, Intera
 from bot.adapters.discord.sink import DiscordSink
 from bot.adapters.streaming import Pacer, StreamingMessage
 from bot.config import Settings
-from bot.core.messages import IncomingMessage
+from bot.core.messages import IncomingMessage, ReplyStatus
 from bot.core.service import ChatService
 from bot.errors import BotError
 
@@ -45,6 +45,7 @@ REFUSAL_COOLDOWN_S = 3600.0  # a refused person is told "not allowed" (mentions,
 PLATFORM = "discord"
 NOT_HERE = "Sorry, I don't answer in this channel."
 SOMETHING_WRONG = "Sorry, something went wrong. Please try again."
+STOPPED_NOTE = "(stopped: the bot is restarting; please ask again in a minute)"
 MESSAGE_CONTENT_HELP = (
     "Discord refused the MESSAGE_CONTENT intent. Enable it in the Developer Portal (your application -> "
     "Bot -> Privileged Gateway Intents -> Message Content Intent). Continuing without it: slash commands, "
@@ -154,7 +155,11 @@ class DiscordAdapter:
         """
         pending = [t for t in self._in_flight if not t.done()]
         if pending:
-            await asyncio.wait(pending, timeout=self.stop_grace_s)
+            _, still = await asyncio.wait(pending, timeout=self.stop_grace_s)
+            for task in still:  # each shows what it had, with a note, before the client goes
+                task.cancel()
+            if still:
+                await asyncio.wait(still, timeout=STOP_TIMEOUT_S)
         if self.client is not None:
             await self.client.close()
         if self._task is not None:
@@ -194,6 +199,12 @@ class DiscordAdapter:
             log.exception("Discord: handling a message failed")
             if sink.final_text is None:
                 await sink.error(SOMETHING_WRONG)
+        except asyncio.CancelledError:
+            if sink.final_text is None:  # shutting down mid-reply: say so rather than leave it hanging
+                partial = sink.stream.text
+                final = f"{partial}\n\n{STOPPED_NOTE}" if partial.strip() else STOPPED_NOTE
+                await asyncio.shield(sink.finish(final, ReplyStatus.CANCELLED))
+            raise
         finally:
             if task is not None:
                 self._in_flight.discard(task)
