@@ -40,7 +40,7 @@ as_pg "$PG_BIN/pg_ctl" -D "$DIR/data" -l "$DIR/server.log" -w -t 60 \
   -o "-h 127.0.0.1 -p $PORT -k $DIR -c fsync=off -c synchronous_commit=off -c full_page_writes=off -c max_connections=100" \
   start >&2
 as_pg "$PG_BIN/psql" -h 127.0.0.1 -p "$PORT" -U postgres -d postgres -v ON_ERROR_STOP=1 -q \
-  -c "CREATE ROLE $DB_USER LOGIN PASSWORD '$DB_PASSWORD'" \
+  -c "CREATE ROLE $DB_USER LOGIN CREATEDB PASSWORD '$DB_PASSWORD'" \
   -c "CREATE DATABASE $DB_NAME OWNER $DB_USER" >&2
 
 echo "PostgreSQL ${PG_BIN%/bin} listening on 127.0.0.1:$PORT (data in $DIR)" >&2
