@@ -206,6 +206,7 @@ class DiscordAdapter:
                 await asyncio.shield(sink.finish(final, ReplyStatus.CANCELLED))
             raise
         finally:
+            await sink.stream.aclose()  # no edit loop outlives its message (a no-op once delivered)
             if task is not None:
                 self._in_flight.discard(task)
 
