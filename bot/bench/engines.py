@@ -1,0 +1,122 @@
+"""`python -m bot bench engines`: load time, memory, first-token latency and decode speed of each local build."""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import platform
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from bot.engines import CancelToken, ChatMessage, EngineError, StreamStats, create_engine
+from bot.engines.generate import params_for
+from bot.models.catalog import profile_files_present
+
+if TYPE_CHECKING:
+    from bot.config import Settings
+
+# --- tuning constants ---
+PROMPTS = [
+    "What is the capital of France?",
+    "Explain in two sentences why the sky is blue.",
+    "Write a short poem about autumn leaves.",
+    "Give me three tips for learning a new language.",
+]
+MAX_NEW_TOKENS = 96
+QUICK_PROMPTS = 2
+QUICK_MAX_NEW_TOKENS = 32
+DEFAULT_OUT = "bench_engines.json"
+
+
+@dataclass
+class EngineBench:
+    model: str
+    format: str
+    load_s: float = 0.0
+    rss_delta_mb: float = 0.0
+    gpu_mb: float = 0.0
+    first_token_s: list[float] = field(default_factory=list)
+    tokens_per_s: list[float] = field(default_factory=list)
+    completion_tokens: int = 0
+    error: str = ""
+
+    def summary(self) -> dict[str, float]:
+        return {
+            "median_first_token_s": statistics.median(self.first_token_s) if self.first_token_s else 0.0,
+            "median_tokens_per_s": statistics.median(self.tokens_per_s) if self.tokens_per_s else 0.0,
+        }
+
+
+def _rss_mb() -> float:
+    import psutil
+
+    return psutil.Process().memory_info().rss / 2**20
+
+
+def _gpu_mb() -> float:
+    try:
+        import torch
+
+        return torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else 0.0
+    except ImportError:
+        return 0.0
+
+
+def bench_profile(settings: Settings, name: str, prompts: list[str], max_new_tokens: int) -> EngineBench:
+    profile = settings.profiles[name]
+    result = EngineBench(name, profile.format)
+    engine = create_engine(profile, settings)
+    gc.collect()
+    rss0 = _rss_mb()
+    start = time.perf_counter()
+    try:
+        engine.load()
+    except EngineError as exc:
+        result.error = str(exc)
+        return result
+    result.load_s = time.perf_counter() - start
+    result.rss_delta_mb = _rss_mb() - rss0
+    params = params_for(settings, profile, max_new_tokens=max_new_tokens, temperature=0.0)
+    system = ChatMessage("system", settings.system_prompt)
+    try:
+        for prompt in prompts:
+            stats = StreamStats()
+            for _ in engine.stream_chat([system, ChatMessage("user", prompt)], params, CancelToken(), stats):
+                pass
+            if stats.first_token_s is not None:
+                result.first_token_s.append(stats.first_token_s)
+            result.tokens_per_s.append(stats.extra.get("tokens_per_s", 0.0))
+            result.completion_tokens += stats.completion_tokens
+        result.gpu_mb = _gpu_mb()
+    finally:
+        engine.unload()
+    return result
+
+
+def cmd_bench_engines(args: argparse.Namespace, settings: Settings) -> int:
+    prompts = PROMPTS[:QUICK_PROMPTS] if args.quick else PROMPTS
+    max_new = QUICK_MAX_NEW_TOKENS if args.quick else MAX_NEW_TOKENS
+    names = [p.name for p in settings.profiles.values()
+             if p.format != "openai" and profile_files_present(p, settings.models_dir)]
+    if not names:
+        print("no local model builds found; run `python -m bot models prepare` first")
+        return 1
+    results = [bench_profile(settings, name, prompts, max_new) for name in names]
+    print(f"{'model':16} {'load s':>7} {'RSS MB':>7} {'GPU MB':>7} {'1st tok s':>9} {'tok/s':>7}")
+    for r in results:
+        if r.error:
+            print(f"{r.model:16} error: {r.error}")
+            continue
+        s = r.summary()
+        print(f"{r.model:16} {r.load_s:7.2f} {r.rss_delta_mb:7.0f} {r.gpu_mb:7.0f} "
+              f"{s['median_first_token_s']:9.3f} {s['median_tokens_per_s']:7.1f}")
+    out = Path(args.out or DEFAULT_OUT)
+    payload = {"machine": platform.machine(), "python": platform.python_version(), "prompts": len(prompts),
+               "max_new_tokens": max_new, "results": [dict(asdict(r), **r.summary()) for r in results]}
+    out.write_text(json.dumps(payload, indent=2) + "\n")
+    print(f"\nwritten to {out}")
+    return 0

@@ -1,0 +1,177 @@
+"""GGUF models through llama.cpp (llama-cpp-python); all layers on the GPU when the build supports it."""
+
+from __future__ import annotations
+
+import codecs
+import logging
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from bot.engines.base import CancelToken, ChatMessage, Engine, EngineError, GenerationParams, StreamStats
+from bot.engines.transformers_engine import missing_files_message
+
+if TYPE_CHECKING:
+    from bot.config import ModelProfile, Settings
+
+log = logging.getLogger(__name__)
+
+# --- tuning constants ---
+DEFAULT_CONTEXT = 4096  # KV cache size when the profile names none (capped by the model's training context)
+N_BATCH = 512
+TOP_K_OFF = 0  # llama.cpp: 0 disables top-k, matching the Transformers engine
+MIN_P_OFF = 0.0
+
+
+def _resolve_gguf(profile: ModelProfile, settings: Settings) -> Path | None:
+    path = profile.resolved_path(settings.models_dir)
+    if path is not None and path.is_dir():
+        if profile.gguf_file:
+            return path / profile.gguf_file
+        found = sorted(path.glob("*.gguf"))
+        return found[0] if found else path / "missing.gguf"
+    return path
+
+
+class LlamaCppEngine(Engine):
+    """One GGUF model in a llama.cpp context; the chat template comes from the GGUF metadata."""
+
+    def __init__(self, profile: ModelProfile, settings: Settings) -> None:
+        self.name = profile.name
+        self.profile = profile
+        self.settings = settings
+        self.llama: Any = None
+        self._formatter: Any = None
+        self._add_bos = False
+        self._context_length = profile.context_length or DEFAULT_CONTEXT
+        self._lock = threading.Lock()
+
+    def load(self) -> None:
+        if self.llama is not None:
+            return
+        path = _resolve_gguf(self.profile, self.settings)
+        if path is None or not path.is_file():
+            raise EngineError(missing_files_message(self.profile, path))
+        try:
+            import llama_cpp
+            from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+        except ImportError as exc:
+            raise EngineError("GGUF models need llama-cpp-python: install it with "
+                              "`pip install 'llama-cpp-python[server]==0.3.36'`") from exc
+        try:
+            gpu_layers = -1 if llama_cpp.llama_supports_gpu_offload() else 0
+            llama = llama_cpp.Llama(
+                model_path=str(path), n_ctx=self._context_length, n_batch=N_BATCH, n_gpu_layers=gpu_layers,
+                n_threads=self.settings.torch_threads, verbose=False,
+            )
+        except Exception as exc:  # noqa: BLE001 - llama.cpp raises ValueError/RuntimeError on bad files
+            log.exception("loading %s from %s failed", self.name, path)
+            raise EngineError(f"model {self.name!r} could not be loaded from {path}: {exc}") from exc
+        meta = llama.metadata
+        template = meta.get("tokenizer.chat_template")
+        if not template:
+            raise EngineError(f"model {self.name!r} ({path.name}) has no chat template in its GGUF metadata")
+
+        def token_text(key: str) -> str:
+            token_id = meta.get(key)
+            return llama.detokenize([int(token_id)], special=True).decode("utf-8", "replace") if token_id else ""
+
+        eos, bos = token_text("tokenizer.ggml.eos_token_id"), token_text("tokenizer.ggml.bos_token_id")
+        self._formatter = Jinja2ChatFormatter(template=template, eos_token=eos, bos_token=bos)
+        self._add_bos = meta.get("tokenizer.ggml.add_bos_token", "false") == "true"
+        self._context_length = min(llama.n_ctx(), self._context_length)  # llama.cpp may pad n_ctx up
+        self.llama = llama
+        log.info("loaded %s (gguf) with %s GPU layers, context %d", self.name, gpu_layers, self._context_length)
+
+    def unload(self) -> None:
+        if self.llama is not None:
+            self.llama.close()
+        self.llama = None
+
+    @property
+    def loaded(self) -> bool:
+        return self.llama is not None
+
+    @property
+    def context_length(self) -> int:
+        return self._context_length
+
+    def _require_loaded(self) -> None:
+        if self.llama is None:
+            raise EngineError(f"model {self.name!r} is not loaded")
+
+    def prompt_ids(self, messages: list[ChatMessage]) -> list[int]:
+        """Token ids of the chat-templated prompt, ending with the assistant generation prompt."""
+        self._require_loaded()
+        rendered = self._formatter(messages=[{"role": m.role, "content": m.content} for m in messages])
+        return self.llama.tokenize(rendered.prompt.encode("utf-8"), add_bos=self._add_bos, special=True)
+
+    def count_tokens(self, messages: list[ChatMessage]) -> int:
+        return len(self.prompt_ids(messages))
+
+    def stream_chat(self, messages: list[ChatMessage], params: GenerationParams, cancel: CancelToken,
+                    stats: StreamStats | None = None) -> Iterator[str]:
+        self._require_loaded()
+        import llama_cpp
+
+        stats = stats if stats is not None else StreamStats()
+        ids = self.prompt_ids(messages)
+        stats.prompt_tokens = len(ids)
+        room = self._context_length - len(ids)
+        if room <= 0:
+            raise EngineError(f"the conversation is too long for model {self.name!r} "
+                              f"({len(ids)} tokens, limit {self._context_length}); use /reset to start over")
+        max_new = max(1, min(params.max_new_tokens, room))
+        llama = self.llama
+        vocab = llama._model.vocab
+        utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        start = time.perf_counter()
+        finish = "length"
+        with self._lock:
+            if params.seed is not None:
+                llama.set_seed(params.seed)
+            tokens = llama.generate(
+                ids, temp=0.0 if params.greedy else params.temperature, top_p=1.0 if params.greedy else params.top_p,
+                top_k=TOP_K_OFF, min_p=MIN_P_OFF, repeat_penalty=params.repetition_penalty, reset=True,
+            )
+            produced: list[int] = []
+            try:
+                for token in tokens:
+                    if cancel.cancelled:
+                        finish = "cancelled"
+                        break
+                    if llama_cpp.llama_vocab_is_eog(vocab, token):
+                        finish = "stop"
+                        break
+                    if stats.first_token_s is None:
+                        stats.first_token_s = time.perf_counter() - start
+                    stats.completion_tokens += 1
+                    piece = llama.detokenize([token])
+                    produced.append(token)
+                    delta = utf8.decode(piece)
+                    if delta:
+                        yield delta
+                    if cancel.cancelled:
+                        finish = "cancelled"
+                        break
+                    if len(produced) >= max_new:
+                        break
+                if finish != "cancelled":
+                    tail = utf8.decode(b"", final=True).rstrip("\ufffd")
+                    if tail:
+                        yield tail
+            except EngineError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - llama.cpp decode failures
+                log.exception("generation with %s failed", self.name)
+                raise EngineError(f"model {self.name!r} failed while writing the reply: {type(exc).__name__}") \
+                    from exc
+            finally:
+                tokens.close()
+                stats.total_s = time.perf_counter() - start
+                stats.finish_reason = finish
+                if stats.completion_tokens > 1 and stats.first_token_s is not None:
+                    decode_s = stats.total_s - stats.first_token_s
+                    stats.extra["tokens_per_s"] = (stats.completion_tokens - 1) / decode_s if decode_s > 0 else 0.0

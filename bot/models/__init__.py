@@ -1,0 +1,1 @@
+"""Model builds: preparing the embedded quantized models, listing profiles, evaluating quality."""

@@ -1,0 +1,60 @@
+"""`python -m bot generate` and `python -m bot bench engines` as a person runs them (GGUF build)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from bot.cli import main
+from bot.models.prepare import prepare
+
+pytest.importorskip("llama_cpp")
+pytestmark = pytest.mark.llamacpp
+
+
+@pytest.fixture()
+def gguf_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    prepare(tmp_path, ["gguf"])
+    monkeypatch.setenv("MODELS_DIR", str(tmp_path))
+    for var in ("MODELS_FILE", "MAX_NEW_TOKENS", "TEMPERATURE", "DEFAULT_MODEL"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.chdir(tmp_path)  # no stray .env
+    return tmp_path
+
+
+def test_generate_streams_the_answer_and_a_summary(gguf_only: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(["generate", "What is the capital of France?", "--model", "smollm2-gguf", "--temperature", "0",
+                 "--max-new-tokens", "24"])
+    out, err = capsys.readouterr()
+    assert code == 0
+    assert "Paris" in out
+    assert "smollm2-gguf" in err and "tok/s" in err
+
+
+def test_generate_with_an_unknown_model_lists_the_known_ones(gguf_only: Path,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["generate", "hi", "--model", "gpt-9"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown model 'gpt-9'" in err and "smollm2-gguf" in err
+    assert "Traceback" not in err
+
+
+def test_generate_with_a_missing_build_says_how_to_make_it(gguf_only: Path,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["generate", "hi", "--model", "smollm2-awq"]) == 2
+    err = capsys.readouterr().err
+    assert "python -m bot models prepare" in err and "Traceback" not in err
+
+
+def test_bench_engines_reports_every_present_build(gguf_only: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out_file = gguf_only / "bench.json"
+    assert main(["bench", "engines", "--quick", "--out", str(out_file)]) == 0
+    table = capsys.readouterr().out
+    assert "smollm2-gguf" in table and "smollm2-gptq" not in table
+    results = json.loads(out_file.read_text())["results"]
+    assert [r["model"] for r in results] == ["smollm2-gguf"]
+    assert results[0]["error"] == "" and results[0]["completion_tokens"] > 0
+    assert results[0]["median_tokens_per_s"] > 0 and results[0]["load_s"] > 0

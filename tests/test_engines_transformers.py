@@ -1,0 +1,142 @@
+"""The Transformers engine on the real GPTQ and AWQ builds: answers, streaming, limits, cancel, errors."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from bot.config import ModelProfile, Settings
+from bot.engines import CancelToken, ChatMessage, EngineError, GenerationParams, StreamStats, create_engine
+from bot.engines.transformers_engine import IncrementalDecoder, TransformersEngine
+from bot.models.prepare import prepare
+
+SHARED_BUILDS = Path(os.environ.get("QUANTBOT_TEST_MODELS_DIR", "~/.cache/quantbot/test-models")).expanduser()
+GREEDY = GenerationParams(max_new_tokens=64, temperature=0.0, repetition_penalty=1.1)
+FRANCE = [ChatMessage("system", "You are a helpful, concise assistant."),
+          ChatMessage("user", "What is the capital of France?")]
+
+
+def settings_for(models_dir: Path) -> Settings:
+    return Settings(models_dir=models_dir, _env_file=None)
+
+
+@pytest.fixture(scope="module", params=["smollm2-gptq", "smollm2-awq"])
+def engine(request: pytest.FixtureRequest) -> Iterator[TransformersEngine]:
+    prepare(SHARED_BUILDS, [request.param.split("-")[1]])
+    settings = settings_for(SHARED_BUILDS)
+    eng = create_engine(settings.profiles[request.param], settings)
+    assert isinstance(eng, TransformersEngine)
+    eng.load()
+    yield eng
+    eng.unload()
+    assert not eng.loaded
+
+
+@pytest.mark.slow
+def test_answers_a_simple_question(engine: TransformersEngine) -> None:
+    assert "Paris" in engine.chat(FRANCE, GREEDY)
+
+
+@pytest.mark.slow
+def test_streamed_deltas_add_up_to_the_whole_reply(engine: TransformersEngine) -> None:
+    stats = StreamStats()
+    deltas = list(engine.stream_chat(FRANCE, GREEDY, CancelToken(), stats))
+    assert len(deltas) > 1 and all(deltas)
+    assert "".join(deltas) == engine.chat(FRANCE, GREEDY)
+    assert stats.finish_reason == "stop"
+    assert stats.prompt_tokens == engine.count_tokens(FRANCE)
+    assert 0 < stats.completion_tokens < GREEDY.max_new_tokens
+    assert stats.first_token_s is not None and stats.total_s >= stats.first_token_s
+
+
+@pytest.mark.slow
+def test_stops_at_max_new_tokens(engine: TransformersEngine) -> None:
+    stats = StreamStats()
+    story = [ChatMessage("user", "Tell me a long story about a dragon.")]
+    text = "".join(engine.stream_chat(story, GenerationParams(max_new_tokens=5, temperature=0.0),
+                                      CancelToken(), stats))
+    assert stats.completion_tokens == 5 and stats.finish_reason == "length"
+    assert text.strip()
+
+
+@pytest.mark.slow
+def test_cancel_stops_the_reply_early(engine: TransformersEngine) -> None:
+    cancel, stats = CancelToken(), StreamStats()
+    story = [ChatMessage("user", "Tell me a long story about a dragon.")]
+    received = []
+    for delta in engine.stream_chat(story, GenerationParams(max_new_tokens=200, temperature=0.0), cancel, stats):
+        received.append(delta)
+        if len(received) == 3:
+            cancel.cancel()
+    assert len(received) == 3
+    assert stats.finish_reason == "cancelled" and stats.completion_tokens < 10
+    # the engine is free for the next reply right away
+    assert "Paris" in engine.chat(FRANCE, GREEDY)
+
+
+@pytest.mark.slow
+def test_same_seed_gives_the_same_sampled_reply(engine: TransformersEngine) -> None:
+    params = GenerationParams(max_new_tokens=16, temperature=0.9, top_p=0.95, seed=1234)
+    poem = [ChatMessage("user", "Write a poem about the sea.")]
+    assert engine.chat(poem, params) == engine.chat(poem, params)
+
+
+@pytest.mark.slow
+def test_prompt_token_count_includes_the_chat_template(engine: TransformersEngine) -> None:
+    short = engine.count_tokens([ChatMessage("user", "Hi")])
+    longer = engine.count_tokens([ChatMessage("user", "Hi"), ChatMessage("assistant", "Hello! How can I help?"),
+                                  ChatMessage("user", "Tell me a joke.")])
+    assert short >= 5  # <|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n at least
+    assert longer > short + 10
+    assert engine.context_length >= 2048
+
+
+@pytest.mark.slow
+def test_conversation_longer_than_the_context_is_refused_politely() -> None:
+    prepare(SHARED_BUILDS, ["gptq"])
+    settings = settings_for(SHARED_BUILDS)
+    profile = settings.profiles["smollm2-gptq"].model_copy(update={"context_length": 16})
+    eng = create_engine(profile, settings)
+    eng.load()
+    try:
+        with pytest.raises(EngineError, match="too long .*use /reset"):
+            list(eng.stream_chat(FRANCE, GREEDY, CancelToken()))
+    finally:
+        eng.unload()
+
+
+def test_missing_model_files_explain_how_to_build_them(tmp_path: Path) -> None:
+    settings = settings_for(tmp_path)
+    eng = create_engine(settings.profiles["smollm2-awq"], settings)
+    with pytest.raises(EngineError, match="not found at .*python -m bot models prepare"):
+        eng.load()
+    assert not eng.loaded
+    with pytest.raises(EngineError, match="not loaded"):
+        list(eng.stream_chat(FRANCE, GREEDY, CancelToken()))
+
+
+def test_corrupt_checkpoint_is_a_clear_load_error(tmp_path: Path) -> None:
+    folder = tmp_path / "broken"
+    folder.mkdir()
+    (folder / "config.json").write_text("{ this is not json")
+    profile = ModelProfile(name="broken", format="gptq", path="broken")
+    eng = create_engine(profile, settings_for(tmp_path))
+    with pytest.raises(EngineError, match="could not be loaded"):
+        eng.load()
+
+
+@pytest.mark.slow
+def test_incremental_decoding_never_splits_characters() -> None:
+    from transformers import AutoTokenizer
+
+    build = prepare(SHARED_BUILDS, ["hf"])[0].path
+    tokenizer = AutoTokenizer.from_pretrained(build)
+    text = "Café déjà vu 🌊🐉 naïve 日本語のテキスト — done."
+    decoder = IncrementalDecoder(tokenizer)
+    deltas = [decoder.push(t) for t in tokenizer(text, add_special_tokens=False)["input_ids"]]
+    deltas.append(decoder.flush())
+    assert "".join(deltas) == text
+    assert not any("\ufffd" in d for d in deltas)
