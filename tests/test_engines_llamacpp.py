@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -11,11 +10,12 @@ import pytest
 from bot.config import ModelProfile, Settings
 from bot.engines import CancelToken, ChatMessage, EngineError, GenerationParams, StreamStats, create_engine
 from bot.models.prepare import prepare
+from tests.models_fixture import shared_models_dir
 
 pytest.importorskip("llama_cpp")
 pytestmark = pytest.mark.llamacpp
 
-SHARED_BUILDS = Path(os.environ.get("QUANTBOT_TEST_MODELS_DIR", "~/.cache/quantbot/test-models")).expanduser()
+SHARED_BUILDS = shared_models_dir()
 GREEDY = GenerationParams(max_new_tokens=64, temperature=0.0, repetition_penalty=1.1)
 FRANCE = [ChatMessage("system", "You are a helpful, concise assistant."),
           ChatMessage("user", "What is the capital of France?")]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -11,8 +10,9 @@ import pytest
 from bot.cli import main
 from bot.errors import BotError
 from bot.models import prepare as prep
+from tests.models_fixture import shared_models_dir
 
-SHARED_BUILDS = Path(os.environ.get("QUANTBOT_TEST_MODELS_DIR", "~/.cache/quantbot/test-models")).expanduser()
+SHARED_BUILDS = shared_models_dir()
 
 
 def test_gguf_build_is_the_source_file_and_is_kept_when_current(tmp_path: Path) -> None:

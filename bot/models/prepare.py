@@ -17,6 +17,7 @@ never leaves a build that looks finished.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import hashlib
 import importlib.util
 import json
@@ -47,6 +48,7 @@ CALIBRATION_SEQ_LEN = 256  # tokens per sliding-window calibration sample
 CALIBRATION_STRIDE = 128
 CALIBRATION_MAX_SAMPLES = {"gptq": 32, "awq": 12}  # AWQ's scale search costs ~20 forwards per sample
 MANIFEST = "quantbot_build.json"
+LOCK_FILE = ".prepare.lock"  # serializes concurrent `prepare` runs on one MODELS_DIR (tests, CLI)
 BUILD_VERSION = 1  # bump to force every build to be remade after a recipe change
 
 KINDS = ("hf", "gptq", "awq", "gguf")
@@ -230,6 +232,13 @@ def prepare(models_dir: Path, kinds: Iterable[str] | None = None, force: bool = 
     order = [k for k in KINDS if k in wanted or (k == "hf" and {"gptq", "awq"} & set(wanted))]
     source = find_source_gguf()
     models_dir.mkdir(parents=True, exist_ok=True)
+    with (models_dir / LOCK_FILE).open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # another process building here: wait, then reuse its builds
+        return _prepare_locked(models_dir, order, wanted, source, force, group_size)
+
+
+def _prepare_locked(models_dir: Path, order: list[str], wanted: list[str], source: Path, force: bool,
+                    group_size: int) -> list[BuildResult]:
     results: list[BuildResult] = []
     for kind in order:
         final = build_path(models_dir, kind)
