@@ -262,6 +262,20 @@ async def test_server_killed_mid_reply_fails_cleanly_and_recovers(server: LlamaS
         assert "failed" in {r.status for r in rows if r.role == "assistant"}
 
 
+async def test_server_error_is_a_clear_message_and_the_next_reply_works(server: LlamaServer, tmp_path: Path) -> None:
+    """A prompt the server cannot take (the profile claims more context than the server has)."""
+    settings = settings_for(tmp_path, server)
+    models = json.loads(Path(settings.models_file).read_text())  # type: ignore[arg-type]
+    models[0]["context_length"] = 8192  # the server runs with n_ctx 2048
+    Path(settings.models_file).write_text(json.dumps(models))  # type: ignore[arg-type]
+    async with service_for(settings) as (service, _):
+        too_long = await say(service, "word " * 2600)
+        assert too_long.status == ReplyStatus.FAILED or too_long.errors
+        assert polite(failure_text(too_long)), too_long.events[-3:]
+        fine = await say(service, "Say hi.", chat="c2")  # (c1's history still holds the long message)
+        assert fine.status == ReplyStatus.COMPLETE, fine.errors
+
+
 async def test_model_command_switches_between_local_and_remote(server: LlamaServer, tmp_path: Path) -> None:
     async with service_for(settings_for(tmp_path, server)) as (service, engines):
         assert service.current_model == "remote"
@@ -321,6 +335,27 @@ def test_token_counts_close_to_the_exact_local_count(server: LlamaServer, tmp_pa
         counted = remote.count_tokens(messages)
         assert abs(counted - exact) <= 3, (counted, exact)
         assert remote._counter == "server-text"  # llama.cpp offers /extras/tokenize/count
+    finally:
+        remote.unload()
+        local.unload()
+
+
+def test_profile_tokenizer_counts_exactly_when_the_server_has_no_tokenizer(
+        prepared_models: Path, tmp_path: Path) -> None:
+    """No server at all: the local tokenizer named in the profile counts, template included."""
+    settings = Settings(_env_file=None, database_url=f"sqlite+aiosqlite:///{tmp_path}/x.db")  # type: ignore[call-arg]
+    profile = ModelProfile(name="r", format="openai", base_url=f"http://127.0.0.1:{free_port()}/v1",
+                           remote_model=SERVED_NAME, tokenizer=str(prepared_models / "smollm2-135m-gptq"))
+    remote = OpenAIEngine(profile, settings)
+    local = create_engine(ModelProfile(name="l", format="gguf", path=str(GGUF)), settings)
+    remote.load()
+    local.load()
+    try:
+        messages = [ChatMessage("system", "You are a helpful, concise assistant."),
+                    ChatMessage("user", "What is the capital of France?"), ChatMessage("assistant", "Paris."),
+                    ChatMessage("user", "And of Italy?")]
+        assert remote.count_tokens(messages) == local.count_tokens(messages)
+        assert remote._counter == "local"
     finally:
         remote.unload()
         local.unload()

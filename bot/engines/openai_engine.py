@@ -169,16 +169,25 @@ class OpenAIEngine(Engine):
                 # /stop must not wait for the server's next chunk: hang up from a watcher thread.
                 threading.Thread(target=_hang_up_on_cancel, args=(response, cancel, done), daemon=True,
                                  name=f"cancel-{self.name}").start()
+                ended = False
                 for data in _sse_data(response):
-                    if cancel.cancelled or data == "[DONE]":
+                    if cancel.cancelled:
                         break  # leaving the `with` closes the connection: the server stops generating
-                    delta = self._handle_chunk(data, stats)
+                    if data == "[DONE]":
+                        ended = True
+                        break
+                    delta, finished = self._handle_chunk(data, stats)
+                    ended = ended or finished
                     if delta:
                         if stats.first_token_s is None:
                             stats.first_token_s = time.perf_counter() - start
                         yield delta
                     if cancel.cancelled:
                         break
+                if not ended and not cancel.cancelled:
+                    # llama.cpp's server, for one, just ends the stream when generation raises
+                    raise EngineError(f"The model server for {self.name} ended the reply unexpectedly "
+                                      "(its log says why). Please try again.")
         except EngineError:
             raise
         except httpx.HTTPError as exc:
@@ -216,26 +225,28 @@ class OpenAIEngine(Engine):
             body["repeat_penalty"] = params.repetition_penalty  # llama.cpp, Ollama
         return body
 
-    def _handle_chunk(self, data: str, stats: StreamStats) -> str:
+    def _handle_chunk(self, data: str, stats: StreamStats) -> tuple[str, bool]:
+        """(text delta, whether the server said the reply is finished) of one streamed event."""
         try:
             chunk = json.loads(data)
         except json.JSONDecodeError:
             log.debug("ignoring a non-JSON event from %s: %.80s", self.base_url, data)
-            return ""
+            return "", False
         if "error" in chunk:
             raise EngineError(f"The model server for {self.name} reported an error: {_error_text(chunk)}")
         usage = chunk.get("usage")
         if usage:
             stats.prompt_tokens = int(usage.get("prompt_tokens") or stats.prompt_tokens)
             stats.completion_tokens = int(usage.get("completion_tokens") or stats.completion_tokens)
-        delta = ""
+        delta, finished = "", False
         for choice in chunk.get("choices") or []:
             delta += (choice.get("delta") or {}).get("content") or ""
             if choice.get("finish_reason"):
                 stats.finish_reason = "length" if choice["finish_reason"] == "length" else "stop"
+                finished = True
         if delta and not usage:
             stats.completion_tokens += 1  # one chunk is one token on every server we know; usage corrects it
-        return delta
+        return delta, finished
 
     # --- helpers -------------------------------------------------------------------------------
     def _require_client(self) -> httpx.Client:
