@@ -26,7 +26,7 @@ from bot.config import ModelProfile, Settings
 from bot.core.messages import IncomingMessage, ReplyStatus
 from bot.core.service import ChatService
 from bot.engines import create_engine
-from bot.engines.base import ChatMessage, Engine
+from bot.engines.base import CancelToken, ChatMessage, Engine, EngineError, GenerationParams
 from bot.engines.openai_engine import OpenAIEngine
 from bot.engines.recording import RecordingEngine
 from tests.sinks import RecordingSink
@@ -61,9 +61,10 @@ def free_port() -> int:
 class LlamaServer:
     """`python -m llama_cpp.server` as a child process on a fixed port (so a restart keeps the URL)."""
 
-    def __init__(self, log_path: Path) -> None:
+    def __init__(self, log_path: Path, api_key: str | None = None) -> None:
         self.port = free_port()
         self.log_path = log_path
+        self.api_key = api_key
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -78,13 +79,14 @@ class LlamaServer:
              "--host", "127.0.0.1", "--port", str(self.port), "--n_ctx", "2048",
              "--n_threads", "1", "--verbose", "False",  # one thread: no spin-waiting against other work
              # queue concurrent requests instead of cutting the running stream short (its default)
-             "--interrupt_requests", "False"],
+             "--interrupt_requests", "False", *(["--api_key", self.api_key] if self.api_key else [])],
             stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
         deadline = time.monotonic() + START_TIMEOUT_S
         while time.monotonic() < deadline:
             assert self.proc.poll() is None, f"llama.cpp server exited:\n{self.log()[-2000:]}"
             try:
-                if httpx.get(f"{self.base_url}/models", timeout=1.0).status_code == 200:
+                headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+                if httpx.get(f"{self.base_url}/models", headers=headers, timeout=1.0).status_code == 200:
                     return
             except httpx.HTTPError:
                 pass
@@ -361,6 +363,26 @@ def test_profile_tokenizer_counts_exactly_when_the_server_has_no_tokenizer(
         local.unload()
 
 
+def test_api_key_is_sent_and_a_wrong_one_is_a_clear_error(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    keyed = LlamaServer(tmp_path / "keyed.log", api_key="sk-right-key-1234567890")
+    keyed.start()
+    settings = Settings(_env_file=None, database_url=f"sqlite+aiosqlite:///{tmp_path}/x.db")  # type: ignore[call-arg]
+    try:
+        good = OpenAIEngine(ModelProfile(name="k", format="openai", base_url=keyed.base_url, remote_model=SERVED_NAME,
+                                         api_key="sk-right-key-1234567890"), settings)  # type: ignore[arg-type]
+        good.load()
+        assert good.chat([ChatMessage("user", "Say hi.")], GenerationParams(max_new_tokens=8, temperature=0.0))
+        good.unload()
+
+        bad = OpenAIEngine(ModelProfile(name="k", format="openai", base_url=keyed.base_url, remote_model=SERVED_NAME,
+                                        api_key="sk-wrong-key-0987654321"), settings)  # type: ignore[arg-type]
+        with pytest.raises(EngineError, match="refused our API key") as raised:
+            bad.load()
+        assert "sk-wrong" not in str(raised.value) and "sk-wrong" not in caplog.text
+    finally:
+        keyed.stop()
+
+
 def test_unreachable_server_is_a_clear_error_not_a_crash(tmp_path: Path) -> None:
     port = free_port()  # nothing listens here
     profile = ModelProfile(name="gone", format="openai", base_url=f"http://127.0.0.1:{port}/v1", remote_model="x")
@@ -368,8 +390,6 @@ def test_unreachable_server_is_a_clear_error_not_a_crash(tmp_path: Path) -> None
     engine = OpenAIEngine(profile, settings)
     engine.load()  # the server may come up later: loading does not fail
     assert engine.count_tokens([ChatMessage("user", "hello there")]) > 0  # estimate while it is down
-    from bot.engines.base import CancelToken, EngineError, GenerationParams
-
     with pytest.raises(EngineError, match="can't be reached"):
         list(engine.stream_chat([ChatMessage("user", "hi")], GenerationParams(), CancelToken()))
     engine.unload()
