@@ -83,7 +83,8 @@ def download_model(settings: Settings, repo_id: str, include: list[str] | None =
     except RevisionNotFoundError as exc:
         raise BotError(f"repo {repo_id!r} has no revision {revision!r}") from exc
     except (LocalEntryNotFoundError, EntryNotFoundError) as exc:
-        raise BotError(f"could not download {repo_id!r} from {endpoint or 'the Hugging Face Hub'}: {_first_line(exc)}") from exc
+        where = endpoint or "the Hugging Face Hub"
+        raise BotError(f"could not download {repo_id!r} from {where}: {_first_line(exc)}") from exc
     except HfHubHTTPError as exc:
         raise BotError(f"the hub answered an error for {repo_id!r}: {_first_line(exc)}") from exc
     except OSError as exc:  # connection refused, disk full, consistency check after retries
