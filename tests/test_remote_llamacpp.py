@@ -390,6 +390,7 @@ def test_unreachable_server_is_a_clear_error_not_a_crash(tmp_path: Path) -> None
     engine = OpenAIEngine(profile, settings)
     engine.load()  # the server may come up later: loading does not fail
     assert engine.count_tokens([ChatMessage("user", "hello there")]) > 0  # estimate while it is down
+    assert engine._counter is None  # not remembered: the server's tokenizer is used once it is up
     with pytest.raises(EngineError, match="can't be reached"):
         list(engine.stream_chat([ChatMessage("user", "hi")], GenerationParams(), CancelToken()))
     engine.unload()

@@ -116,10 +116,11 @@ class OpenAIEngine(Engine):
         for method in order:
             count = self._count_with(method, payload)
             if count is not None:
-                with self._counter_lock:
-                    if self._counter is None and method != "estimate":
-                        log.info("counting tokens for %s with %s", self.name, method)
-                    self._counter = self._counter or method
+                if method != "estimate":  # an estimate is never remembered: the server may come up
+                    with self._counter_lock:
+                        if self._counter is None:
+                            log.info("counting tokens for %s with %s", self.name, method)
+                            self._counter = method
                 return count
         # The remembered method stopped working (server down): estimate this once, retry next time.
         return self._estimate(payload)
