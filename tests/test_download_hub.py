@@ -115,6 +115,7 @@ def test_failed_download_says_so_and_a_rerun_fetches_only_what_is_missing(
     (repo / "tokenizer.json").write_text("{}")
     (repo / "pytorch_model.bin").write_bytes(os.urandom(MB))  # the unquantized weights: never wanted
     hub.add_repo("org/Tiny-AWQ", repo)
+    hub.state.page_size = 2  # the file listing comes in pages, as from the Hub for big repos
     settings = make_settings(tmp_path)
 
     hub.state.fail_files["tokenizer.json"] = 500
