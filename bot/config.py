@@ -116,12 +116,18 @@ class Settings(BaseSettings):
         "discord_allowed_roles", "discord_allowed_channels", mode="before",
     )(_csv)
 
+    @property
+    def profiles_file(self) -> Path:
+        """MODELS_FILE, or MODELS_DIR/profiles.json (where `models download` registers profiles)."""
+        return Path(self.models_file).expanduser() if self.models_file else self.models_dir / "profiles.json"
+
     @cached_property
     def profiles(self) -> dict[str, ModelProfile]:
         """Embedded builds plus any from MODELS_FILE (same name overrides)."""
         found = {p.name: p for p in embedded_profiles()} if self.include_embedded_models else {}
-        if self.models_file and Path(self.models_file).exists():
-            for raw in json.loads(Path(self.models_file).read_text()):
+        models_file = self.profiles_file
+        if models_file.exists():
+            for raw in json.loads(models_file.read_text()):
                 p = ModelProfile.model_validate(raw)
                 found[p.name] = p
         return found

@@ -11,6 +11,7 @@ from bot.storage.db import make_engine
 from bot.storage.models import Base
 
 target_metadata = Base.metadata
+MIGRATION_LOCK_ID = 7_254_031  # PostgreSQL advisory lock: bot processes starting together migrate one at a time
 
 
 def _url() -> str:
@@ -26,6 +27,8 @@ def _run(connection: Connection) -> None:
     context.configure(connection=connection, target_metadata=target_metadata,
                       render_as_batch=connection.dialect.name == "sqlite")
     with context.begin_transaction():
+        if connection.dialect.name == "postgresql":
+            connection.exec_driver_sql(f"SELECT pg_advisory_xact_lock({MIGRATION_LOCK_ID})")
         context.run_migrations()
 
 

@@ -24,7 +24,7 @@ from collections.abc import Hashable
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
-from bot.adapters.textsplit import Length, split_message
+from bot.adapters.textsplit import split_message
 
 log = logging.getLogger(__name__)
 

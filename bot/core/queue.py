@@ -279,7 +279,8 @@ class GenerationQueue:
             future.result()
         except Exception as exc:  # noqa: BLE001 - one reply fails, the worker keeps serving
             log.warning("generation failed for chat %s: %s", job.chat_key, exc, exc_info=True)
-            error = "Sorry, the model failed while answering. Please try again."
+            reason = f" ({exc})" if isinstance(exc, BotError) else ""
+            error = f"Sorry, the model failed while answering{reason}. Please try again."
         text = "".join(parts)
         if error:
             status = ReplyStatus.FAILED

@@ -29,7 +29,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MAX_WORKERS = 8  # files downloaded in parallel
-PROFILES_FILE_NAME = "profiles.json"  # under MODELS_DIR when MODELS_FILE is unset
 # What a Transformers checkpoint needs besides its weights; always fetched for GPTQ/AWQ/HF repos.
 METADATA_PATTERNS = [
     "config.json", "generation_config.json", "quantize_config.json", "quant_config.json",
@@ -45,14 +44,10 @@ def cmd_download(args: argparse.Namespace, settings: Settings) -> int:
     """Download `args.repo_id` (optionally `--include`, `--revision`, `--name`) and register it."""
     profile = download_model(settings, args.repo_id, include=args.include, revision=args.revision,
                              name=getattr(args, "name", None))
-    target = profiles_file(settings)
+    target = settings.profiles_file
     print(f"registered model {profile.name!r} ({profile.format}) in {target}")
     print(f"use it with: /model {profile.name}   or   DEFAULT_MODEL={profile.name}")
     return 0
-
-
-def profiles_file(settings: Settings) -> Path:
-    return Path(settings.models_file) if settings.models_file else Path(settings.models_dir) / PROFILES_FILE_NAME
 
 
 def download_model(settings: Settings, repo_id: str, include: list[str] | None = None,
@@ -101,7 +96,7 @@ def download_model(settings: Settings, repo_id: str, include: list[str] | None =
         context_length=_context_length(local_dir),
         description=f"{repo_id}{'@' + revision if revision else ''} ({fmt.upper()}, downloaded)",
     )
-    register_profile(profiles_file(settings), profile)
+    register_profile(settings.profiles_file, profile)
     return profile
 
 

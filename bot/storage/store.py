@@ -23,11 +23,12 @@ class StoredMessage:
     status: str
     model: str | None
     user_id: str | None
+    token_count: int | None
     created_at: datetime
 
 
 def _stored(m: Message) -> StoredMessage:
-    return StoredMessage(m.id, m.role, m.content, m.status, m.model, m.user_id, m.created_at)
+    return StoredMessage(m.id, m.role, m.content, m.status, m.model, m.user_id, m.token_count, m.created_at)
 
 
 class HistoryStore:
