@@ -21,6 +21,7 @@ log = logging.getLogger(__name__)
 # --- tuning constants ---
 DEFAULT_CONTEXT = 8192  # when neither the profile nor the config names one
 JOIN_TIMEOUT_S = 30.0  # waiting for the generate() thread after a cancel
+WARMUP_TOKENS = 2  # a tiny generation at load time: quantized kernels prepare themselves on first use (~10 s on CPU)
 # Tokens that end an assistant turn in common chat templates (only those the vocabulary has are used).
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<end_of_turn>", "</s>")
 
@@ -35,6 +36,17 @@ def missing_files_message(profile: ModelProfile, path: Path | None) -> str:
     else:
         how = "build it with `python -m bot models prepare`"
     return f"the files of model {profile.name!r} were not found{where}; {how}"
+
+
+def quiet_gptqmodel() -> None:
+    """Keep GPTQModel's banner and INFO lines (printed straight to stdout) out of the chat unless logging at INFO."""
+    if logging.getLogger().getEffectiveLevel() <= logging.INFO:
+        return
+    try:
+        from logbar import LogBar  # GPTQModel's logger; set before gptqmodel is first imported
+    except ImportError:
+        return
+    LogBar.shared().setLevel(logging.WARNING)
 
 
 class _TokenQueueStreamer:
@@ -111,6 +123,7 @@ class TransformersEngine(Engine):
             raise EngineError(missing_files_message(self.profile, path))
         # GPTQModel 7.6 sizes its CPU pool to (cores+1)//2 and fails on 2 cores; see bot.models.prepare.
         os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(max(2, (os.cpu_count() or 2) // 2)))
+        quiet_gptqmodel()
         try:
             import torch
             from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -133,7 +146,22 @@ class TransformersEngine(Engine):
         configured = getattr(model.config, "max_position_embeddings", None)
         self._context_length = self.profile.context_length or configured or DEFAULT_CONTEXT
         self._eos_ids = self._end_of_turn_ids()
+        self._warm_up()
         log.info("loaded %s (%s) on %s, dtype %s", self.name, self.profile.format, model.device, model.dtype)
+
+    def _warm_up(self) -> None:
+        """Run the kernels once so the first person to ask does not wait for their one-time set-up."""
+        params = GenerationParams(max_new_tokens=WARMUP_TOKENS, temperature=0.0)
+        hello = [ChatMessage("user", "Hello")]
+        if self.count_tokens(hello) >= self._context_length:
+            return
+        try:
+            for _ in self.stream_chat(hello, params, CancelToken()):
+                pass
+        except Exception as exc:  # noqa: BLE001 - a model that cannot generate is not loaded
+            self.unload()
+            raise EngineError(f"model {self.name!r} loaded but could not generate: {type(exc).__name__}: {exc}") \
+                from exc
 
     def _end_of_turn_ids(self) -> list[int]:
         ids: set[int] = set()
