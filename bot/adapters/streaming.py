@@ -22,9 +22,10 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Hashable
 from dataclasses import dataclass
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 from bot.adapters.textsplit import split_message
+from bot.core.messages import ReplyStatus
 
 log = logging.getLogger(__name__)
 
@@ -248,3 +249,45 @@ class StreamingMessage(Generic[H]):
         self.calls += 1
         self.pacer.mark()
         self.sent[i].rendered = rendered
+
+
+class StreamingSink:
+    """The shared part of a ReplySink backed by one `StreamingMessage`: `update` streams, and
+    `finish`, `error` and `notice` deliver a final text (recorded in `final_text`).
+
+    Subclasses add `queued` / `started`, and may override `error_text` (how an error is worded),
+    `_before_final` (called once the final text is recorded, before it is delivered) and `close`.
+    """
+
+    def __init__(self, stream: StreamingMessage[Any]) -> None:
+        self.stream = stream
+        self.final_text: str | None = None
+        self.status: ReplyStatus | None = None
+
+    async def update(self, text: str) -> None:
+        self.stream.update(text)
+
+    async def finish(self, text: str, status: ReplyStatus) -> None:
+        self.status = status
+        await self._final(text)
+
+    async def error(self, message: str) -> None:
+        await self._final(self.error_text(message))
+
+    async def notice(self, text: str) -> None:
+        await self._final(text)
+
+    def error_text(self, message: str) -> str:
+        return message
+
+    async def _before_final(self) -> None:
+        """Hook: runs after `final_text` is set, before the final text is delivered."""
+
+    async def _final(self, text: str) -> None:
+        self.final_text = text
+        await self._before_final()
+        await self.stream.finish(text)
+
+    async def close(self) -> None:
+        """After the service is done with this message: stop any edit loop still running."""
+        await self.stream.aclose()

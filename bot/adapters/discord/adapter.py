@@ -23,13 +23,14 @@ import aiohttp
 import discord
 from discord import app_commands
 
+from bot.adapters.delivery import handle_reply
 from bot.adapters.discord.access import judge
 from bot.adapters.discord.commands import build_tree
 from bot.adapters.discord.ops import INTERACTION_TOKEN_TTL_S, ChannelOps, InteractionOps
 from bot.adapters.discord.sink import DiscordSink
 from bot.adapters.streaming import Pacer, StreamingMessage
 from bot.config import Settings
-from bot.core.messages import IncomingMessage, ReplyStatus
+from bot.core.messages import IncomingMessage
 from bot.core.service import ChatService
 from bot.errors import BotError
 
@@ -45,7 +46,6 @@ REFUSAL_COOLDOWN_S = 3600.0  # a refused person is told "not allowed" (mentions,
 PLATFORM = "discord"
 NOT_HERE = "Sorry, I don't answer in this channel."
 SOMETHING_WRONG = "Sorry, something went wrong. Please try again."
-STOPPED_NOTE = "(stopped: the bot is restarting; please ask again in a minute)"
 MESSAGE_CONTENT_HELP = (
     "Discord refused the MESSAGE_CONTENT intent. Enable it in the Developer Portal (your application -> "
     "Bot -> Privileged Gateway Intents -> Message Content Intent). Continuing without it: slash commands, "
@@ -193,20 +193,9 @@ class DiscordAdapter:
         task = asyncio.current_task()
         if task is not None:
             self._in_flight.add(task)
-        try:
-            await self.service.handle(msg, sink)
-        except Exception:  # noqa: BLE001 - never a traceback to the user
-            log.exception("Discord: handling a message failed")
-            if sink.final_text is None:
-                await sink.error(SOMETHING_WRONG)
-        except asyncio.CancelledError:
-            if sink.final_text is None:  # shutting down mid-reply: say so rather than leave it hanging
-                partial = sink.stream.text
-                final = f"{partial}\n\n{STOPPED_NOTE}" if partial.strip() else STOPPED_NOTE
-                await asyncio.shield(sink.finish(final, ReplyStatus.CANCELLED))
-            raise
+        try:  # handle_reply closes the sink: no edit loop outlives its message
+            await handle_reply(self.service, msg, sink, log=log, label="Discord", something_wrong=SOMETHING_WRONG)
         finally:
-            await sink.stream.aclose()  # no edit loop outlives its message (a no-op once delivered)
             if task is not None:
                 self._in_flight.discard(task)
 

@@ -12,9 +12,10 @@ from telegram.constants import ChatType, MessageEntityType
 from telegram.error import InvalidToken, NetworkError, TelegramError
 from telegram.ext import AIORateLimiter, Application, CallbackQueryHandler, ContextTypes, MessageHandler, filters
 
+from bot.adapters.delivery import handle_reply
 from bot.adapters.streaming import Pacer
 from bot.adapters.telegram.sink import TelegramOps, TelegramSink, Typing
-from bot.core.messages import IncomingMessage, ReplyStatus
+from bot.core.messages import IncomingMessage
 from bot.errors import BotError
 
 if TYPE_CHECKING:
@@ -26,7 +27,7 @@ log = logging.getLogger(__name__)
 # --- tuning ---
 POLL_TIMEOUT_S = 10.0  # getUpdates long-poll; tests use ~1 s so shutdown is quick
 STOP_GRACE_S = 5.0  # stop() lets replies in progress run this long, then marks them (docker stop: 10 s)
-STOPPED_NOTE = "(stopped: the bot is restarting; please ask again in a minute)"
+SOMETHING_WRONG = "Sorry, something went wrong on my side. Please try again."
 REFUSAL_COOLDOWN_S = 3600.0  # a refused user hears "not allowed" at most once per this long
 MODEL_BUTTON_PREFIX = "model:"
 UNSUPPORTED = ("I can only read text messages. Please type your question "
@@ -236,20 +237,7 @@ class TelegramAdapter:
     async def _run(self, message: Message, incoming: IncomingMessage, sink: TelegramSink) -> None:
         if sink.typing:
             sink.typing.start()
-        try:
-            await self.service.handle(incoming, sink)
-        except Exception:  # noqa: BLE001 - the person gets a polite note, the log gets the details
-            log.exception("telegram: handling a message failed")
-            if sink.final_text is None:
-                await sink.error("Sorry, something went wrong on my side. Please try again.")
-        except asyncio.CancelledError:
-            if sink.final_text is None:  # shutting down mid-reply: say so rather than leave it hanging
-                partial = sink.stream.text
-                final = f"{partial}\n\n{STOPPED_NOTE}" if partial.strip() else STOPPED_NOTE
-                await asyncio.shield(sink.finish(final, ReplyStatus.CANCELLED))
-            raise
-        finally:
-            await sink.close()
+        await handle_reply(self.service, incoming, sink, log=log, label="telegram", something_wrong=SOMETHING_WRONG)
 
     async def _on_button(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
         query = update.callback_query

@@ -13,10 +13,9 @@ from telegram.constants import ChatAction, ParseMode
 from telegram.error import BadRequest, Forbidden, NetworkError, RetryAfter, TelegramError
 
 from bot.adapters.streaming import (Fatal, MessageGone, MessageOps, NotModified, Pacer, RetryLater,
-                                    StreamingMessage, TooLong, TransientError)
+                                    StreamingMessage, StreamingSink, TooLong, TransientError)
 from bot.adapters.telegram.formatting import has_markup, markdown_to_html
 from bot.adapters.textsplit import utf16_length
-from bot.core.messages import ReplyStatus
 
 log = logging.getLogger(__name__)
 
@@ -164,14 +163,14 @@ class Typing:
             self._task = None
 
 
-class TelegramSink:
+class TelegramSink(StreamingSink):
     """The ReplySink for one message: queue position / placeholder, streamed edits, final formatting."""
 
+    stream: StreamingMessage[int]
+
     def __init__(self, ops: TelegramOps, pacer: Pacer, typing: Typing | None = None) -> None:
-        self.stream: StreamingMessage[int] = StreamingMessage(ops, pacer)
+        super().__init__(StreamingMessage(ops, pacer))
         self.typing = typing
-        self.final_text: str | None = None
-        self.status: ReplyStatus | None = None
 
     async def queued(self, position: int, eta_s: float | None) -> None:
         self.stream.set_status(queue_status(position, eta_s))
@@ -179,24 +178,12 @@ class TelegramSink:
     async def started(self) -> None:
         self.stream.set_status(PLACEHOLDER)
 
-    async def update(self, text: str) -> None:
-        self.stream.update(text)
+    def error_text(self, message: str) -> str:
+        return f"⚠️ {message}"
 
-    async def finish(self, text: str, status: ReplyStatus) -> None:
-        self.status = status
-        await self._final(text)
-
-    async def error(self, message: str) -> None:
-        await self._final(f"⚠️ {message}")
-
-    async def notice(self, text: str) -> None:
-        await self._final(text)
-
-    async def _final(self, text: str) -> None:
-        self.final_text = text
+    async def _before_final(self) -> None:
         if self.typing:
             await self.typing.stop()
-        await self.stream.finish(text)
 
     async def close(self) -> None:
         """After the service is done with this message: stop typing, stop any unfinished stream."""
