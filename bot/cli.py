@@ -45,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("--only", action="append", choices=["hf", "gptq", "awq", "gguf"],
                       help="build only these (repeatable)")
     prep.add_argument("--force", action="store_true", help="rebuild even if a matching build exists")
-    prep.add_argument("--group-size", type=int, default=64)
+    prep.add_argument("--group-size", type=int, default=None, help="GPTQ/AWQ group size (default 32)")
     models.add_parser("eval", help="perplexity of each build on held-out text, as ratios to unquantized")
     models.add_parser("list", help="configured model profiles and whether their files exist")
     dl = models.add_parser("download", help="download a hub repo's quantized files and register a profile")
