@@ -29,7 +29,7 @@ PROMPTS = [
 MAX_NEW_TOKENS = 96
 QUICK_PROMPTS = 2
 QUICK_MAX_NEW_TOKENS = 32
-DEFAULT_OUT = "bench_engines.json"
+DEFAULT_OUT = "bench/engines.json"
 
 
 @dataclass
@@ -115,6 +115,7 @@ def cmd_bench_engines(args: argparse.Namespace, settings: Settings) -> int:
         print(f"{r.model:16} {r.load_s:7.2f} {r.rss_delta_mb:7.0f} {r.gpu_mb:7.0f} "
               f"{s['median_first_token_s']:9.3f} {s['median_tokens_per_s']:7.1f}")
     out = Path(args.out or DEFAULT_OUT)
+    out.parent.mkdir(parents=True, exist_ok=True)
     payload = {"machine": platform.machine(), "python": platform.python_version(), "prompts": len(prompts),
                "max_new_tokens": max_new, "results": [dict(asdict(r), **r.summary()) for r in results]}
     out.write_text(json.dumps(payload, indent=2) + "\n")
