@@ -63,7 +63,7 @@ def setup_logging(settings: Settings, verbose: bool = False) -> None:
     root.setLevel(level)
     # httpx logs request URLs, which carry the Telegram token, at INFO.
     for noisy in ("httpx", "httpcore", "discord.http", "discord.gateway", "telegram.ext", "transformers",
-                  "gptqmodel", "urllib3"):
+                  "gptqmodel", "logbar", "urllib3"):
         logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
     for token in (settings.telegram_bot_token, settings.discord_bot_token):
         register_secret(token.get_secret_value() if token else None)
