@@ -18,6 +18,7 @@ import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -297,29 +298,40 @@ async def test_model_command_switches_between_local_and_remote(server: LlamaServ
 async def test_remote_replies_run_concurrently_up_to_the_limit(server: LlamaServer, tmp_path: Path) -> None:
     async with service_for(settings_for(tmp_path, server, remote_concurrency=2, max_new_tokens=24)) as (service, _):
         assert service.queue.concurrency == 2
-        order: list[str] = []
+        engine = service.queue.engine
+        remote_stream = engine.stream_chat
 
-        class Ordered(RecordingSink):
-            def __init__(self, name: str) -> None:
-                super().__init__()
-                self.name = name
+        def slow_stream(*args: Any, **kwargs: Any) -> Iterator[str]:
+            time.sleep(1.0)  # a slow server: each reply holds its slot long enough to overlap the next
+            yield from remote_stream(*args, **kwargs)
 
+        engine.stream_chat = slow_stream  # type: ignore[method-assign]
+        in_flight = 0
+        most = 0
+
+        class Counting(RecordingSink):
             async def started(self) -> None:
-                order.append(f"{self.name} started")
+                nonlocal in_flight, most
+                in_flight += 1
+                most = max(most, in_flight)
                 await super().started()
 
             async def finish(self, text: str, status: ReplyStatus) -> None:
-                order.append(f"{self.name} finished")
+                nonlocal in_flight
+                in_flight -= 1
                 await super().finish(text, status)
 
-        sinks = [Ordered(n) for n in ("a", "b", "c")]
-        await asyncio.gather(*[service.handle(msg("Count to twenty.", chat=s.name), s) for s in sinks])
-        assert all(s.status == ReplyStatus.COMPLETE for s in sinks), [s.errors for s in sinks]
-        # two replies are in flight at once; the third waits for a free slot
-        first_finish = next(i for i, e in enumerate(order) if e.endswith("finished"))
-        assert sum(e.endswith("started") for e in order[:first_finish]) == 2, order
-        waited = next(s for s in sinks if f"{s.name} started" not in order[:first_finish])
-        assert waited.positions  # it was told its place in the queue
+        a, b, c = Counting(), Counting(), Counting()
+        first = asyncio.create_task(service.handle(msg("Count to ten.", chat="a"), a))
+        await asyncio.wait_for(a.started_event.wait(), 60)
+        # while a streams, b takes the second slot and c has to wait for one
+        second = asyncio.create_task(service.handle(msg("Count to ten.", chat="b"), b))
+        await asyncio.wait_for(b.started_event.wait(), 60)
+        third = asyncio.create_task(service.handle(msg("Count to ten.", chat="c"), c))
+        await asyncio.gather(first, second, third)
+        assert all(s.status == ReplyStatus.COMPLETE for s in (a, b, c)), [s.errors for s in (a, b, c)]
+        assert most == 2  # two replies in flight at once, never three
+        assert c.positions == [1]  # the third was told its place in the queue
 
 
 def test_token_counts_close_to_the_exact_local_count(server: LlamaServer, tmp_path: Path) -> None:
