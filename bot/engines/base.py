@@ -94,6 +94,14 @@ class Engine(ABC):
     ) -> Iterator[str]:
         """Yield text deltas of the assistant reply; stop on EOS, max_new_tokens or cancel."""
 
+    def reply_budget(self, prompt_tokens: int, params: GenerationParams) -> int:
+        """New tokens this reply may use; a clear error when the prompt alone fills the context."""
+        room = self.context_length - prompt_tokens
+        if room <= 0:
+            raise EngineError(f"the conversation is too long for model {self.name!r} "
+                              f"({prompt_tokens} tokens, limit {self.context_length}); use /reset to start over")
+        return max(1, min(params.max_new_tokens, room))
+
     def chat(self, messages: list[ChatMessage], params: GenerationParams) -> str:
         """The whole reply at once (same decoding as `stream_chat`)."""
         return "".join(self.stream_chat(messages, params, CancelToken()))

@@ -119,11 +119,7 @@ class LlamaCppEngine(Engine):
         stats = stats if stats is not None else StreamStats()
         ids = self.prompt_ids(messages)
         stats.prompt_tokens = len(ids)
-        room = self._context_length - len(ids)
-        if room <= 0:
-            raise EngineError(f"the conversation is too long for model {self.name!r} "
-                              f"({len(ids)} tokens, limit {self._context_length}); use /reset to start over")
-        max_new = max(1, min(params.max_new_tokens, room))
+        max_new = self.reply_budget(len(ids), params)
         llama = self.llama
         vocab = llama._model.vocab
         utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
