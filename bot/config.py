@@ -79,7 +79,8 @@ class Settings(BaseSettings):
     temperature: float | None = None
     top_p: float | None = None
     repetition_penalty: float | None = None
-    torch_threads: int | None = None
+    torch_threads: int | None = None  # torch and llama.cpp threads; unset: torch picks, llama.cpp every core (<= 8)
+    torch_compile: Literal["auto", "on", "off"] = "auto"  # compile the Transformers decode step; auto = on CPU
 
     # --- core ---
     database_url: str = "sqlite+aiosqlite:///data/quantbot.db"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
@@ -20,6 +21,10 @@ except ImportError:  # pragma: no cover - before that module exists
     pass
 
 TOY_MODELS = ("toy-a", "toy-b")
+
+# torch.compile adds ~1 min to every model load on a 2-core CPU; the engine tests run the compiled decode
+# step (the default on CPU) explicitly, every other test that loads a real model decodes eagerly.
+os.environ.setdefault("TORCH_COMPILE", "off")
 
 
 def toy_settings(tmp_path: Path, **overrides: Any) -> Settings:

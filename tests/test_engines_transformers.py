@@ -19,17 +19,18 @@ FRANCE = [ChatMessage("system", "You are a helpful, concise assistant."),
           ChatMessage("user", "What is the capital of France?")]
 
 
-def settings_for(models_dir: Path) -> Settings:
-    return Settings(models_dir=models_dir, _env_file=None)
+def settings_for(models_dir: Path, **values: object) -> Settings:
+    return Settings(models_dir=models_dir, _env_file=None, **values)  # type: ignore[arg-type]
 
 
 @pytest.fixture(scope="module", params=["smollm2-gptq", "smollm2-awq"])
 def engine(request: pytest.FixtureRequest) -> Iterator[TransformersEngine]:
     prepare(SHARED_BUILDS, [request.param.split("-")[1]])
-    settings = settings_for(SHARED_BUILDS)
+    settings = settings_for(SHARED_BUILDS, torch_compile="auto")  # what a CPU user gets: a compiled decode step
     eng = create_engine(settings.profiles[request.param], settings)
     assert isinstance(eng, TransformersEngine)
     eng.load()
+    assert eng.compiled
     yield eng
     eng.unload()
     assert not eng.loaded
@@ -37,7 +38,11 @@ def engine(request: pytest.FixtureRequest) -> Iterator[TransformersEngine]:
 
 @pytest.mark.slow
 def test_answers_a_simple_question(engine: TransformersEngine) -> None:
-    assert "Paris" in engine.chat(FRANCE, GREEDY)
+    stats = StreamStats()
+    reply = "".join(engine.stream_chat(FRANCE, GREEDY, CancelToken(), stats))
+    assert "Paris" in reply
+    # the repetition penalty spares the template's <|im_end|>, so the model can end its turn
+    assert stats.finish_reason == "stop" and stats.completion_tokens < 40
 
 
 @pytest.mark.slow
@@ -105,6 +110,28 @@ def test_conversation_longer_than_the_context_is_refused_politely() -> None:
     try:
         with pytest.raises(EngineError, match="too long .*use /reset"):
             list(eng.stream_chat(FRANCE, GREEDY, CancelToken()))
+    finally:
+        eng.unload()
+
+
+@pytest.mark.slow
+def test_a_failing_compiler_falls_back_to_eager_decoding(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No C++ compiler (a slim container), an op inductor cannot lower: the model still loads and answers."""
+    import torch
+
+    def broken_compile(fn: object, **kwargs: object) -> object:
+        def compiled(*args: object, **kw: object) -> object:
+            raise RuntimeError("InductorError: CppCompileError: C++ compile error")
+        return compiled
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    prepare(SHARED_BUILDS, ["gptq"])
+    settings = settings_for(SHARED_BUILDS, torch_compile="on")
+    eng = create_engine(settings.profiles["smollm2-gptq"], settings)
+    eng.load()
+    try:
+        assert eng.loaded and not eng.compiled
+        assert "Paris" in eng.chat(FRANCE, GREEDY)
     finally:
         eng.unload()
 

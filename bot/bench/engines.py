@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import platform
 import statistics
 import time
@@ -30,12 +31,16 @@ MAX_NEW_TOKENS = 96
 QUICK_PROMPTS = 2
 QUICK_MAX_NEW_TOKENS = 32
 DEFAULT_OUT = "bench/engines.json"
+TRANSFORMERS_FORMATS = ("gptq", "awq", "hf")
+# Each Transformers build runs twice: as configured (TORCH_COMPILE, on CPU compiled) and eager, to show the gain.
+EAGER_SUFFIX = " eager"
 
 
 @dataclass
 class EngineBench:
     model: str
     format: str
+    compiled: bool = False
     load_s: float = 0.0
     rss_delta_mb: float = 0.0
     gpu_mb: float = 0.0
@@ -48,6 +53,22 @@ class EngineBench:
         return {
             "median_first_token_s": statistics.median(self.first_token_s) if self.first_token_s else 0.0,
             "median_tokens_per_s": statistics.median(self.tokens_per_s) if self.tokens_per_s else 0.0,
+        }
+
+    def ratios(self, baseline: EngineBench | None) -> dict[str, float]:
+        """Each figure divided by llama.cpp's from the same run (tokens/s > 1 is faster, the rest < 1 is better)."""
+        if baseline is None or baseline.error or self.error:
+            return {}
+        mine, base = self.summary(), baseline.summary()
+
+        def ratio(a: float, b: float) -> float:
+            return a / b if b else 0.0
+
+        return {
+            "load_s": ratio(self.load_s, baseline.load_s),
+            "rss_delta_mb": ratio(self.rss_delta_mb, baseline.rss_delta_mb),
+            "first_token_s": ratio(mine["median_first_token_s"], base["median_first_token_s"]),
+            "tokens_per_s": ratio(mine["median_tokens_per_s"], base["median_tokens_per_s"]),
         }
 
 
@@ -66,9 +87,10 @@ def _gpu_mb() -> float:
         return 0.0
 
 
-def bench_profile(settings: Settings, name: str, prompts: list[str], max_new_tokens: int) -> EngineBench:
+def bench_profile(settings: Settings, name: str, prompts: list[str], max_new_tokens: int,
+                  label: str | None = None) -> EngineBench:
     profile = settings.profiles[name]
-    result = EngineBench(name, profile.format)
+    result = EngineBench(label or name, profile.format)
     engine = create_engine(profile, settings)
     gc.collect()
     rss0 = _rss_mb()
@@ -80,6 +102,7 @@ def bench_profile(settings: Settings, name: str, prompts: list[str], max_new_tok
         return result
     result.load_s = time.perf_counter() - start
     result.rss_delta_mb = _rss_mb() - rss0
+    result.compiled = bool(getattr(engine, "compiled", False))
     params = params_for(settings, profile, max_new_tokens=max_new_tokens, temperature=0.0)
     system = ChatMessage("system", settings.system_prompt)
     try:
@@ -105,19 +128,29 @@ def cmd_bench_engines(args: argparse.Namespace, settings: Settings) -> int:
     if not names:
         print("no local model builds found; run `python -m bot models prepare` first")
         return 1
-    results = [bench_profile(settings, name, prompts, max_new) for name in names]
-    print(f"{'model':16} {'load s':>7} {'RSS MB':>7} {'GPU MB':>7} {'1st tok s':>9} {'tok/s':>7}")
+    results: list[EngineBench] = []
+    for name in names:
+        results.append(bench_profile(settings, name, prompts, max_new))
+        if settings.profiles[name].format in TRANSFORMERS_FORMATS and results[-1].compiled:
+            eager = settings.model_copy(update={"torch_compile": "off"})
+            results.append(bench_profile(eager, name, prompts, max_new, label=name + EAGER_SUFFIX))
+    baseline = next((r for r in results if r.format == "gguf" and not r.error), None)
+    print(f"{'model':20} {'load s':>7} {'RSS MB':>7} {'GPU MB':>7} {'1st tok s':>9} {'tok/s':>7}  "
+          f"{'vs llama.cpp: tok/s':>19} {'1st tok':>7} {'load':>6} {'RSS':>5}")
     for r in results:
         if r.error:
-            print(f"{r.model:16} error: {r.error}")
+            print(f"{r.model:20} error: {r.error}")
             continue
-        s = r.summary()
-        print(f"{r.model:16} {r.load_s:7.2f} {r.rss_delta_mb:7.0f} {r.gpu_mb:7.0f} "
-              f"{s['median_first_token_s']:9.3f} {s['median_tokens_per_s']:7.1f}")
+        s, x = r.summary(), r.ratios(baseline)
+        versus = (f"{x['tokens_per_s']:18.2f}x {x['first_token_s']:6.2f}x {x['load_s']:5.1f}x {x['rss_delta_mb']:4.1f}x"
+                  if x else "")
+        print(f"{r.model:20} {r.load_s:7.2f} {r.rss_delta_mb:7.0f} {r.gpu_mb:7.0f} "
+              f"{s['median_first_token_s']:9.3f} {s['median_tokens_per_s']:7.1f}  {versus}")
     out = Path(args.out or DEFAULT_OUT)
     out.parent.mkdir(parents=True, exist_ok=True)
-    payload = {"machine": platform.machine(), "python": platform.python_version(), "prompts": len(prompts),
-               "max_new_tokens": max_new, "results": [dict(asdict(r), **r.summary()) for r in results]}
+    payload = {"machine": platform.machine(), "cpus": len(os.sched_getaffinity(0)), "python": platform.python_version(),
+               "prompts": len(prompts), "max_new_tokens": max_new, "baseline": baseline.model if baseline else None,
+               "results": [dict(asdict(r), **r.summary(), vs_llamacpp=r.ratios(baseline)) for r in results]}
     out.write_text(json.dumps(payload, indent=2) + "\n")
     print(f"\nwritten to {out}")
     return 0

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import logging
 import os
-import queue
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -20,12 +19,11 @@ log = logging.getLogger(__name__)
 
 # --- tuning constants ---
 DEFAULT_CONTEXT = 8192  # when neither the profile nor the config names one
-JOIN_TIMEOUT_S = 30.0  # waiting for the generate() thread after a cancel
-WARMUP_TOKENS = 2  # a tiny generation at load time: quantized kernels prepare themselves on first use (~10 s on CPU)
+# A tiny generation at load time: quantized kernels repack themselves on first use and torch.compile compiles
+# the decode step (~1 min on a 2-core CPU), so the first person to ask does not wait for either.
+WARMUP_TOKENS = 2
 # Tokens that end an assistant turn in common chat templates (only those the vocabulary has are used).
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<end_of_turn>", "</s>")
-
-_DONE = object()
 
 
 def missing_files_message(profile: ModelProfile, path: Path | None) -> str:
@@ -47,24 +45,6 @@ def quiet_gptqmodel() -> None:
     except ImportError:
         return
     LogBar.shared().setLevel(logging.WARNING)
-
-
-class _TokenQueueStreamer:
-    """A Transformers streamer that hands new token ids to the consuming thread."""
-
-    def __init__(self) -> None:
-        self.queue: queue.Queue[Any] = queue.Queue()
-        self._prompt_seen = False
-
-    def put(self, value: Any) -> None:
-        if not self._prompt_seen:  # generate() first sends the prompt
-            self._prompt_seen = True
-            return
-        for token in value.reshape(-1).tolist():
-            self.queue.put(int(token))
-
-    def end(self) -> None:
-        self.queue.put(_DONE)
 
 
 class IncrementalDecoder:
@@ -106,6 +86,8 @@ class TransformersEngine(Engine):
         self._context_length = profile.context_length or DEFAULT_CONTEXT
         self._eos_ids: list[int] = []
         self._lock = threading.Lock()
+        self._decode_step: Callable[..., Any] | None = None  # model.forward, compiled or not
+        self.compiled = False
 
     # --- loading ---
 
@@ -146,6 +128,7 @@ class TransformersEngine(Engine):
         configured = getattr(model.config, "max_position_embeddings", None)
         self._context_length = self.profile.context_length or configured or DEFAULT_CONTEXT
         self._eos_ids = self._end_of_turn_ids()
+        self._decode_step = self._compile_decode_step()
         self._warm_up()
         log.info("loaded %s (%s) on %s, dtype %s", self.name, self.profile.format, model.device, model.dtype)
 
@@ -156,12 +139,34 @@ class TransformersEngine(Engine):
         if self.count_tokens(hello) >= self._context_length:
             return
         try:
-            for _ in self.stream_chat(hello, params, CancelToken()):
-                pass
+            try:
+                for _ in self.stream_chat(hello, params, CancelToken()):
+                    pass
+            except EngineError as exc:
+                if not self.compiled:
+                    raise
+                # No C++ compiler, an unsupported op: the eager model is slower but just as right.
+                log.warning("torch.compile failed for %s (%s); decoding without it", self.name, exc.__cause__ or exc)
+                self._decode_step, self.compiled = self.model.forward, False
+                for _ in self.stream_chat(hello, params, CancelToken()):
+                    pass
         except Exception as exc:  # noqa: BLE001 - a model that cannot generate is not loaded
             self.unload()
             raise EngineError(f"model {self.name!r} loaded but could not generate: {type(exc).__name__}: {exc}") \
                 from exc
+
+    def _compile_decode_step(self) -> Callable[..., Any]:
+        """The one-token forward, compiled when TORCH_COMPILE asks (auto: on CPU, where per-token Python overhead
+        dominates; GPU decoding stays eager until it has been measured there)."""
+        mode = self.settings.torch_compile
+        self.compiled = mode == "on" or (mode == "auto" and self.model.device.type == "cpu")
+        if not self.compiled:
+            return self.model.forward
+        import torch
+
+        log.info("compiling the decode step of %s with torch.compile (once per load)", self.name)
+        # dynamic=True: one graph for every cache length, instead of a recompile per length
+        return torch.compile(self.model.forward, dynamic=True)
 
     def _end_of_turn_ids(self) -> list[int]:
         ids: set[int] = set()
@@ -174,13 +179,16 @@ class TransformersEngine(Engine):
         return sorted(ids)
 
     def unload(self) -> None:
-        self.model = None
-        self.tokenizer = None
+        compiled = self.compiled
+        self.model = self.tokenizer = self._decode_step = None
+        self.compiled = False
         try:
             import gc
 
             import torch
 
+            if compiled:
+                torch._dynamo.reset()  # drop the compiled graphs, which hold on to the old model
             gc.collect()
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
@@ -214,84 +222,97 @@ class TransformersEngine(Engine):
     def stream_chat(self, messages: list[ChatMessage], params: GenerationParams, cancel: CancelToken,
                     stats: StreamStats | None = None) -> Iterator[str]:
         self._require_loaded()
-        import torch
-
         stats = stats if stats is not None else StreamStats()
         ids = self.prompt_ids(messages)
         stats.prompt_tokens = len(ids)
         max_new = self.reply_budget(len(ids), params)
-        stop_flag = threading.Event()  # set when the consumer goes away
-
-        from transformers import StoppingCriteria, StoppingCriteriaList
-
-        class _Stop(StoppingCriteria):
-            def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
-                halt = cancel.cancelled or stop_flag.is_set()
-                return torch.full((input_ids.shape[0],), halt, dtype=torch.bool, device=input_ids.device)
-
-        streamer = _TokenQueueStreamer()
-        input_ids = torch.tensor([ids], device=self.model.device)
-        kwargs: dict[str, Any] = dict(
-            input_ids=input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=max_new,
-            streamer=streamer, stopping_criteria=StoppingCriteriaList([_Stop()]), eos_token_id=self._eos_ids,
-            pad_token_id=self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self._eos_ids[0],
-            repetition_penalty=params.repetition_penalty,
-        )
-        if params.greedy:
-            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-        else:
-            kwargs.update(do_sample=True, temperature=params.temperature, top_p=params.top_p, top_k=0)
-        failure: list[BaseException] = []
-
-        def run() -> None:
-            try:
-                if params.seed is not None:
-                    torch.manual_seed(params.seed)
-                with torch.inference_mode():
-                    self.model.generate(**kwargs)
-            except BaseException as exc:  # noqa: BLE001 - re-raised in the consuming thread
-                failure.append(exc)
-            finally:
-                streamer.end()
-
         decoder = IncrementalDecoder(self.tokenizer)
         start = time.perf_counter()
         finish = "length"
         with self._lock:
-            worker = threading.Thread(target=run, name=f"generate-{self.name}", daemon=True)
-            worker.start()
             try:
-                while True:
-                    item = streamer.queue.get()
-                    if item is _DONE:
-                        break
-                    if item in self._eos_ids:
+                for token in self._token_ids(ids, params, max_new):
+                    if token in self._eos_ids:
                         finish = "stop"
-                        continue
+                        break
                     stats.completion_tokens += 1
                     if stats.first_token_s is None:
                         stats.first_token_s = time.perf_counter() - start
-                    delta = decoder.push(item)
+                    delta = decoder.push(token)
                     if delta:
                         yield delta
                     if cancel.cancelled:
                         finish = "cancelled"
                         break
-                if failure:
-                    exc = failure[0]
-                    log.error("generation with %s failed: %r", self.name, exc)
-                    raise EngineError(f"model {self.name!r} failed while writing the reply: "
-                                      f"{type(exc).__name__}") from exc
                 if cancel.cancelled:
                     finish = "cancelled"
                 tail = decoder.flush()
                 if tail and finish != "cancelled":
                     yield tail
+            except EngineError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - out of memory, kernel errors: the reply fails, the bot goes on
+                log.error("generation with %s failed: %r", self.name, exc)
+                raise EngineError(f"model {self.name!r} failed while writing the reply: {type(exc).__name__}") from exc
             finally:
-                stop_flag.set()
-                worker.join(JOIN_TIMEOUT_S)
                 stats.total_s = time.perf_counter() - start
                 stats.finish_reason = finish
                 if stats.total_s > 0 and stats.completion_tokens:
                     decode_s = stats.total_s - (stats.first_token_s or 0.0)
                     stats.extra["tokens_per_s"] = (stats.completion_tokens - 1) / decode_s if decode_s > 0 else 0.0
+
+    # --- decoding ---
+
+    def _token_ids(self, ids: list[int], params: GenerationParams, max_new: int) -> Iterator[int]:
+        """Prefill the prompt, then pick and feed back one token at a time (the caller stops early at will)."""
+        import torch
+        from transformers import DynamicCache
+
+        device = self.model.device
+        processors = _logits_processors(params)
+        generator = None
+        if params.seed is not None and not params.greedy:
+            generator = torch.Generator(device=device).manual_seed(params.seed)
+        # What the repetition penalty looks at: the text so far without the chat template's special tokens,
+        # which every prompt repeats; penalizing <|im_end|> would keep the model from ending its turn.
+        special = set(self.tokenizer.all_special_ids) | set(self._eos_ids)
+        seen = torch.tensor([[t for t in ids if t not in special]], device=device, dtype=torch.long)
+        cache = DynamicCache(config=self.model.config)
+        position = len(ids)
+        with torch.inference_mode():
+            logits = self.model(input_ids=torch.tensor([ids], device=device), cache=cache, use_cache=True,
+                                logits_to_keep=1).logits
+            for step in range(max_new):
+                scores = processors(seen, logits[:, -1, :].float())
+                if params.greedy:
+                    token = scores.argmax(dim=-1, keepdim=True)
+                else:
+                    token = torch.multinomial(torch.softmax(scores, dim=-1), 1, generator=generator)
+                token_id = int(token.item())
+                yield token_id
+                if step + 1 == max_new:
+                    return
+                if token_id not in special:
+                    seen = torch.cat([seen, token], dim=1)
+                logits = self._decode_step(input_ids=token, cache=cache,
+                                           cache_position=torch.tensor([position], device=device),
+                                           use_cache=True, logits_to_keep=1).logits
+                position += 1
+
+def _logits_processors(params: GenerationParams) -> Any:
+    """Transformers' own repetition penalty, temperature and top-p, in the order generate() applies them."""
+    from transformers import (
+        LogitsProcessorList,
+        RepetitionPenaltyLogitsProcessor,
+        TemperatureLogitsWarper,
+        TopPLogitsWarper,
+    )
+
+    processors = LogitsProcessorList()
+    if params.repetition_penalty and params.repetition_penalty != 1.0:
+        processors.append(RepetitionPenaltyLogitsProcessor(params.repetition_penalty))
+    if not params.greedy:
+        processors.append(TemperatureLogitsWarper(params.temperature))
+        if params.top_p < 1.0:
+            processors.append(TopPLogitsWarper(params.top_p))
+    return processors
