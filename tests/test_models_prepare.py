@@ -94,6 +94,8 @@ def test_quantized_builds_are_4bit_and_much_smaller(kind: str, method: str) -> N
     config = json.loads((results[kind].path / "config.json").read_text())
     quant = config["quantization_config"]
     assert quant["bits"] == 4 and quant["quant_method"] == method and quant["group_size"] == prep.DEFAULT_GROUP_SIZE
+    # asymmetric with a zero point, like the Q4_1 source (GPTQ "sym": false, AWQ "zero_point": true)
+    assert quant["sym"] is False if kind == "gptq" else quant["zero_point"] is True
     size = (results[kind].path / "model.safetensors").stat().st_size
     reference = (results["hf"].path / "model.safetensors").stat().st_size
     assert size < 0.3 * reference

