@@ -8,7 +8,7 @@ import logging
 import signal
 from typing import Protocol
 
-from bot.adapters.terminal import chat_loop
+from bot.adapters.terminal import announce_loading, chat_loop
 from bot.config import Settings
 from bot.core.service import ChatService
 
@@ -36,6 +36,7 @@ def configured_adapters(settings: Settings, service: ChatService) -> dict[str, A
 
 async def run(settings: Settings, stop: asyncio.Event | None = None) -> None:
     """Serve until SIGINT/SIGTERM (or `stop` is set); replies in progress finish or are marked."""
+    announce_loading(settings)
     async with ChatService(settings) as service:
         adapters = configured_adapters(settings, service)
         if not adapters:

@@ -37,6 +37,7 @@ def test_terminal_chat_on_real_build(tmp_path, prepared_models):
     assert out.returncode == 0, out.stderr[-2000:]
     text = out.stdout
     assert "Chatting with smollm2-gptq" in text
+    assert "loading smollm2-gptq" in out.stderr  # the minute of loading and compiling is announced
     assert "Paris" in text
     assert "* smollm2-gptq" in text and "smollm2-awq" in text
     assert "Unknown command /frobnicate" in text

@@ -99,7 +99,13 @@ async def chat_loop(service: ChatService, out: TextIO = sys.stdout, user: str = 
     out.write("bye\n")
 
 
+def announce_loading(settings: Settings, out: TextIO = sys.stderr) -> None:
+    """Say what the silent minute at start-up is (loading, and on a CPU compiling, the model)."""
+    print(f"loading {settings.default_model} (on a small CPU this takes about a minute)...", file=out, flush=True)
+
+
 async def run_terminal(settings: Settings) -> None:
+    announce_loading(settings)
     async with ChatService(settings) as service:
         await chat_loop(service)
 
