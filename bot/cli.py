@@ -65,6 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
         b = bench.add_parser(name)
         b.add_argument("--out", default=None, help="JSON output path")
         b.add_argument("--quick", action="store_true", help="fewer prompts and tokens")
+        if name == "engines":
+            b.add_argument("--models", default=None, help="comma-separated model names (default: every local build)")
     return parser
 
 

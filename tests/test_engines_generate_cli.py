@@ -57,3 +57,27 @@ def test_bench_engines_reports_every_present_build(gguf_only: Path, capsys: pyte
     assert [r["model"] for r in results] == ["smollm2-gguf"]
     assert results[0]["error"] == "" and results[0]["completion_tokens"] > 0
     assert results[0]["median_tokens_per_s"] > 0 and results[0]["load_s"] > 0
+
+
+def test_bench_times_each_build_right_after_llamacpp_on_the_same_prompt(gguf_only: Path) -> None:
+    """Ratios to llama.cpp come from interleaved runs, so a host that slows down mid-run skews neither side."""
+    from bot.bench.engines import bench_build, load_engine
+    from bot.config import Settings
+
+    settings = Settings(_env_file=None)  # type: ignore[call-arg]
+    baseline, engine = load_engine(settings, "smollm2-gguf")
+    assert engine is not None and baseline.load_s > 0
+    try:
+        result = bench_build(settings, "smollm2-gguf", ["Name three colors.", "What is 2+2?"], 8, label="again",
+                             baseline=engine)
+    finally:
+        engine.unload()
+    assert result.model == "again" and result.error == ""
+    assert len(result.tokens_per_s) == len(result.paired_tokens_per_s) == 2
+    # the baseline ran no prompts of its own here: a speed ratio exists only through the paired runs
+    assert result.ratios(baseline)["tokens_per_s"] > 0
+
+
+def test_bench_refuses_an_unknown_model_name(gguf_only: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["bench", "engines", "--quick", "--models", "gpt-9"]) == 1
+    assert "unknown model(s): gpt-9" in capsys.readouterr().out

@@ -85,6 +85,7 @@ class TransformersEngine(Engine):
         self.tokenizer: Any = None
         self._context_length = profile.context_length or DEFAULT_CONTEXT
         self._eos_ids: list[int] = []
+        self._special_ids: frozenset[int] = frozenset()
         self._lock = threading.Lock()
         self._decode_step: Callable[..., Any] | None = None  # model.forward, compiled or not
         self.compiled = False
@@ -128,6 +129,12 @@ class TransformersEngine(Engine):
         configured = getattr(model.config, "max_position_embeddings", None)
         self._context_length = self.profile.context_length or configured or DEFAULT_CONTEXT
         self._eos_ids = self._end_of_turn_ids()
+        self._special_ids = frozenset(tokenizer.all_special_ids) | frozenset(self._eos_ids)
+        if model.device.type == "cpu":
+            from bot.engines.cpu_int4 import streamline
+
+            swapped = streamline(model)
+            log.debug("%s: %d int4 layers repacked for the CPU kernel", self.name, swapped)
         self._decode_step = self._compile_decode_step()
         self._warm_up()
         log.info("loaded %s (%s) on %s, dtype %s", self.name, self.profile.format, model.device, model.dtype)
@@ -139,17 +146,18 @@ class TransformersEngine(Engine):
         if self.count_tokens(hello) >= self._context_length:
             return
         try:
-            try:
-                for _ in self.stream_chat(hello, params, CancelToken()):
-                    pass
-            except EngineError as exc:
-                if not self.compiled:
-                    raise
-                # No C++ compiler, an unsupported op: the eager model is slower but just as right.
-                log.warning("torch.compile failed for %s (%s); decoding without it", self.name, exc.__cause__ or exc)
-                self._decode_step, self.compiled = self.model.forward, False
-                for _ in self.stream_chat(hello, params, CancelToken()):
-                    pass
+            while True:
+                try:
+                    for _ in self.stream_chat(hello, params, CancelToken()):
+                        pass
+                    return
+                except EngineError as exc:
+                    if not self.compiled:
+                        raise
+                    # No C++ compiler, an unsupported op: the eager model is slower but just as right.
+                    log.warning("torch.compile failed for %s (%s); decoding without it", self.name,
+                                exc.__cause__ or exc)
+                    self._decode_step, self.compiled = self.model.forward, False
         except Exception as exc:  # noqa: BLE001 - a model that cannot generate is not loaded
             self.unload()
             raise EngineError(f"model {self.name!r} loaded but could not generate: {type(exc).__name__}: {exc}") \
@@ -165,6 +173,10 @@ class TransformersEngine(Engine):
         import torch
 
         log.info("compiling the decode step of %s with torch.compile (once per load)", self.name)
+        from bot.engines import decode_attention
+
+        if self.model.config._attn_implementation == "sdpa":  # one query: plain math that inductor fuses
+            self.model.set_attn_implementation(decode_attention.register())
         # dynamic=True: one graph for every cache length, instead of a recompile per length
         return torch.compile(self.model.forward, dynamic=True)
 
@@ -275,7 +287,7 @@ class TransformersEngine(Engine):
             generator = torch.Generator(device=device).manual_seed(params.seed)
         # What the repetition penalty looks at: the text so far without the chat template's special tokens,
         # which every prompt repeats; penalizing <|im_end|> would keep the model from ending its turn.
-        special = set(self.tokenizer.all_special_ids) | set(self._eos_ids)
+        special = self._special_ids
         seen = torch.tensor([[t for t in ids if t not in special]], device=device, dtype=torch.long)
         cache = DynamicCache(config=self.model.config)
         position = len(ids)

@@ -1,0 +1,176 @@
+"""Leaner CPU decoding of GPTQ/AWQ layers: the same torch int4 kernel GPTQModel picks, with less work per call.
+
+GPTQModel's CPU layers (``TorchAtenLinear``, ``TorchAtenAwqLinear``) repack their weights for
+``aten._weight_int4pack_mm_for_cpu`` on first use and then, on every call, check their mode and gather the
+input columns by ``g_idx`` even when that gather is the identity (no act-order). Decoding one token on a
+small model makes about two hundred such calls, so the per-call extras are a visible share of the time.
+
+:func:`streamline` repacks every such layer up front, swaps in :class:`PackedInt4Linear` (one kernel call,
+a gather only where ``g_idx`` really permutes), and lets the attention's q/k/v projections, which read the
+same input, run as one wider matmul. Each swap is checked against the original layer's output on a random
+input; a layer that does not match, or a GPTQModel version whose internals differ, is left as it was.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+# --- tuning constants ---
+LAYER_CLASSES = ("TorchAtenLinear", "TorchAtenAwqLinear")  # GPTQModel's CPU int4 layers we know the insides of
+FUSED_GROUPS = (("q_proj", "k_proj", "v_proj"),)  # siblings reading one input; gate/up measured no faster fused
+CHECK_TOLERANCE = 2e-2  # relative max error allowed against the original layer (both run bf16 on one kernel)
+
+
+class PackedInt4Linear(nn.Module):
+    """y = x @ W^T for a 4-bit weight packed for ``aten._weight_int4pack_mm_for_cpu`` (bf16 activations)."""
+
+    def __init__(self, qweight: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int, in_features: int,
+                 out_features: int, perm: torch.Tensor | None = None, bias: torch.Tensor | None = None) -> None:
+        super().__init__()
+        self.register_buffer("qweight", qweight, persistent=False)
+        self.register_buffer("scales_and_zeros", scales_and_zeros, persistent=False)
+        self.register_buffer("perm", perm, persistent=False)
+        self.register_buffer("bias", bias, persistent=False)
+        self.group_size, self.in_features, self.out_features = group_size, in_features, out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape[:-1] + (self.out_features,)
+        flat = x.reshape(-1, self.in_features)
+        if self.perm is not None:
+            flat = flat.index_select(1, self.perm)
+        out = torch.ops.aten._weight_int4pack_mm_for_cpu(flat.to(torch.bfloat16), self.qweight, self.group_size,
+                                                         self.scales_and_zeros).to(x.dtype)
+        if self.bias is not None:
+            out = out + self.bias
+        return out.reshape(shape)
+
+
+class SharedInputHead(nn.Module):
+    """Stands in for the first of several projections of one input: computes all of them in one call and
+    keeps the others' slices for the :class:`SharedInputTail` modules that replaced them."""
+
+    def __init__(self, fused: PackedInt4Linear, sizes: list[int]) -> None:
+        super().__init__()
+        self.fused, self.sizes = fused, sizes
+        self.in_features, self.out_features = fused.in_features, sizes[0]
+        self.pending: list[Any] = []  # [input, slice 1, slice 2, ...] until the tails have taken theirs
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        parts = list(torch.split(self.fused(x), self.sizes, dim=-1))
+        self.pending = [x, *parts[1:]]
+        return parts[0]
+
+    def take(self, index: int, x: torch.Tensor) -> torch.Tensor:
+        """Slice `index` of the fused output for input `x` (recomputed when called with another input)."""
+        if not self.pending or self.pending[0] is not x or self.pending[index] is None:
+            return torch.split(self.fused(x), self.sizes, dim=-1)[index]
+        part = self.pending[index]
+        self.pending[index] = None
+        if all(p is None for p in self.pending[1:]):
+            self.pending = []  # nothing of this step stays referenced (a long prompt's activations are large)
+        return part
+
+
+class SharedInputTail(nn.Module):
+    """Stands in for a later projection of the same input: returns its slice of the head's fused result."""
+
+    def __init__(self, head: SharedInputHead, index: int) -> None:
+        super().__init__()
+        self.head = [head]  # in a list: not a registered submodule (the head is already its parent's child)
+        self.index = index
+        self.in_features, self.out_features = head.in_features, head.sizes[index]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head[0].take(self.index, x)
+
+
+def _packed(layer: nn.Module) -> PackedInt4Linear:
+    """The repacked twin of one GPTQModel CPU layer."""
+    if getattr(layer, "linear_mode", None) is None:
+        layer.transform("cpu")  # what the layer does itself on its first call
+        layer.linear_mode = "inference"
+    perm = getattr(layer, "ret_idx", None)
+    if perm is not None:
+        if torch.equal(perm.cpu(), torch.arange(perm.numel(), dtype=perm.dtype)):
+            perm = None
+        else:
+            perm = perm.to(torch.long)
+    bias = layer.bias if isinstance(getattr(layer, "bias", None), torch.Tensor) else None
+    if getattr(layer, "adapter", None):
+        raise ValueError("layer has an adapter")
+    return PackedInt4Linear(layer.qweight, layer.scales_and_zeros, int(layer.group_size), int(layer.in_features),
+                            int(layer.out_features), perm, bias)
+
+
+def _fuse(parts: list[PackedInt4Linear]) -> PackedInt4Linear:
+    """One matmul for several weights over the same input (int4 packs are row-major in the output dim)."""
+    first = parts[0]
+    if any(p.group_size != first.group_size or p.in_features != first.in_features or p.bias is not None
+           or (p.perm is None) != (first.perm is None) or (p.perm is not None and not torch.equal(p.perm, first.perm))
+           for p in parts):
+        raise ValueError("projections differ in layout")
+    return PackedInt4Linear(torch.cat([p.qweight for p in parts], 0),
+                            torch.cat([p.scales_and_zeros for p in parts], 1).contiguous(), first.group_size,
+                            first.in_features, sum(p.out_features for p in parts), first.perm)
+
+
+def _matches(new: nn.Module, old: nn.Module, dtype: torch.dtype) -> bool:
+    x = torch.randn(3, int(old.in_features), dtype=dtype)
+    with torch.inference_mode():
+        return _close(new(x), old(x))
+
+
+def streamline(model: nn.Module) -> int:
+    """Swap every GPTQModel CPU int4 layer of `model` for the lean equivalent; returns how many were swapped."""
+    dtype = getattr(model, "dtype", torch.bfloat16)
+    swapped = 0
+    parents = [m for m in model.modules() if any(type(c).__name__ in LAYER_CLASSES for c in m.children())]
+    for parent in parents:
+        children = dict(parent.named_children())
+        done: set[str] = set()
+        for group in FUSED_GROUPS:
+            if not all(type(children.get(n)).__name__ in LAYER_CLASSES for n in group):
+                continue
+            try:
+                packed = [_packed(children[n]) for n in group]
+                head = SharedInputHead(_fuse(packed), [p.out_features for p in packed])
+                tails = [SharedInputTail(head, i) for i in range(1, len(group))]
+                if not _matches(head, children[group[0]], dtype):
+                    continue
+                x = torch.randn(2, head.in_features, dtype=dtype)
+                with torch.inference_mode():
+                    head(x)
+                    if not all(_close(t(x), children[n](x)) for t, n in zip(tails, group[1:])):
+                        continue
+            except Exception as exc:  # noqa: BLE001 - unknown internals: keep GPTQModel's own layers
+                log.debug("not fusing %s: %s", group, exc)
+                continue
+            setattr(parent, group[0], head)
+            for name, tail in zip(group[1:], tails):
+                setattr(parent, name, tail)
+            done.update(group)
+            swapped += len(group)
+        for name, child in children.items():
+            if name in done or type(child).__name__ not in LAYER_CLASSES:
+                continue
+            try:
+                lean = _packed(child)
+                if not _matches(lean, child, dtype):
+                    continue
+            except Exception as exc:  # noqa: BLE001
+                log.debug("not repacking %s: %s", name, exc)
+                continue
+            setattr(parent, name, lean)
+            swapped += 1
+    return swapped
+
+
+def _close(got: torch.Tensor, want: torch.Tensor) -> bool:
+    got, want = got.float(), want.float()
+    return bool(((want - got).abs().max() <= CHECK_TOLERANCE * want.abs().max().clamp_min(1e-6)).item())

@@ -1,0 +1,112 @@
+"""The CPU decode path: repacked int4 layers and the one-query attention give the same answers as the originals."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from bot.engines.cpu_int4 import PackedInt4Linear, SharedInputHead, SharedInputTail, streamline
+from bot.engines.decode_attention import decode_attention
+from bot.models.prepare import build_path, prepare
+from tests.models_fixture import shared_models_dir
+
+SHARED_BUILDS = shared_models_dir()
+
+
+def gptq_layer(in_features: int, out_features: int, order: torch.Tensor | None) -> nn.Module:
+    """A GPTQModel CPU layer with random 4-bit codes, zero points and scales; an act-order layer's groups follow
+    `order` (GPTQ sorts the input columns by their activation size)."""
+    from gptqmodel.nn_modules.qlinear.torch_aten_kernel import TorchAtenLinear
+
+    layer = TorchAtenLinear(bits=4, group_size=32, sym=False, desc_act=order is not None, in_features=in_features,
+                            out_features=out_features, bias=False)
+    layer.qweight.copy_(torch.randint(-2**31, 2**31 - 1, layer.qweight.shape, dtype=torch.int32))
+    layer.qzeros.copy_(torch.randint(-2**31, 2**31 - 1, layer.qzeros.shape, dtype=torch.int32))
+    layer.scales.copy_((torch.rand(layer.scales.shape) * 0.02 + 0.001).to(layer.scales.dtype))
+    order = torch.arange(in_features) if order is None else order
+    layer.g_idx.copy_((order // 32).to(layer.g_idx.dtype))
+    layer.post_init()  # what GPTQModel does once a checkpoint is loaded
+    return layer.eval()
+
+
+class Attention(nn.Module):
+    def __init__(self, act_order: bool) -> None:
+        super().__init__()
+        shared = torch.randperm(128) if act_order else None  # q, k and v read the same input
+        self.q_proj, self.k_proj, self.v_proj = (gptq_layer(128, n, shared) for n in (128, 64, 64))
+        self.o_proj = gptq_layer(128, 128, torch.randperm(128) if act_order else None)
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_repacked_layers_compute_what_gptqmodel_computes(act_order: bool) -> None:
+    attn = Attention(act_order)
+    originals = {n: getattr(attn, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj")}
+    x = torch.randn(5, 128, dtype=torch.bfloat16)
+    with torch.inference_mode():
+        want = {n: layer(x).float() for n, layer in originals.items()}
+    assert streamline(attn) == 4
+    assert isinstance(attn.q_proj, SharedInputHead) and isinstance(attn.k_proj, SharedInputTail)
+    assert isinstance(attn.o_proj, PackedInt4Linear)
+    assert (attn.o_proj.perm is not None) == act_order  # the input gather happens only where groups are permuted
+    with torch.inference_mode():
+        got = {n: getattr(attn, n)(x).float() for n in ("q_proj", "k_proj", "v_proj", "o_proj")}
+        assert attn.q_proj.pending == []  # once k and v took their slices, nothing of the step stays referenced
+        # a later projection fed some other input recomputes instead of handing out a stale slice
+        other = torch.randn(2, 128, dtype=torch.bfloat16)
+        attn.q_proj(x)
+        assert torch.allclose(attn.v_proj(other).float(), originals["v_proj"](other).float(), rtol=0.02, atol=1e-3)
+    for name in want:
+        assert torch.allclose(got[name], want[name], rtol=0.02, atol=1e-3), name
+
+
+def test_one_query_attention_matches_sdpa() -> None:
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    module = nn.Module()
+    module.num_key_value_groups, module.is_causal = 3, True
+    query = torch.randn(1, 9, 1, 64)
+    key, value = torch.randn(1, 3, 40, 64), torch.randn(1, 3, 40, 64)
+    mask = torch.ones(1, 1, 1, 40, dtype=torch.bool)
+    mask[..., :7] = False  # e.g. left padding
+    for m in (None, mask):
+        want, _ = sdpa_attention_forward(module, query, key, value, m, scaling=0.125)
+        got, _ = decode_attention(module, query, key, value, m, scaling=0.125)
+        assert got.shape == want.shape == (1, 1, 9, 64)
+        assert torch.allclose(got, want, atol=1e-5)
+    # a prompt (many queries) goes to SDPA itself, causal mask and all
+    prompt = torch.randn(1, 9, 40, 64)
+    want, _ = sdpa_attention_forward(module, prompt, key, value, None, scaling=0.125)
+    got, _ = decode_attention(module, prompt, key, value, None, scaling=0.125)
+    assert torch.equal(got, want)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["gptq", "awq"])
+def test_real_builds_hold_packed_4bit_layers_and_answer_as_before(kind: str) -> None:
+    """Every decoder projection of the real build is a packed 4-bit matmul, before and after repacking, and
+    repacking changes no prediction."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    prepare(SHARED_BUILDS, [kind])
+    path = build_path(SHARED_BUILDS, kind)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, device_map="cpu", dtype="auto").eval()
+    names = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    projections = [m for n, m in model.named_modules() if n.rsplit(".", 1)[-1] in names]
+    assert len(projections) == 7 * model.config.num_hidden_layers
+    assert all(m.bits == 4 and m.qweight.dtype == torch.int32 and not hasattr(m, "weight") for m in projections)
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
+                                         tokenize=False, add_generation_prompt=True)
+    ids = torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"]])
+    with torch.inference_mode():
+        before = model(input_ids=ids).logits.float()
+        assert streamline(model) == len(projections)
+        after = model(input_ids=ids).logits.float()
+    packed = [m for m in model.modules() if isinstance(m, PackedInt4Linear)]
+    # 5 per layer: q/k/v fused into one matmul, o, gate, up, down
+    assert len(packed) == 5 * model.config.num_hidden_layers
+    for m in packed:
+        assert m.qweight.dtype == torch.uint8 and m.qweight.numel() * 2 == m.in_features * m.out_features
+    assert torch.equal(before.argmax(-1), after.argmax(-1))
+    assert (after - before).abs().max() < 0.05 * before.abs().max()
