@@ -131,6 +131,7 @@ def test_a_failing_compiler_falls_back_to_eager_decoding(monkeypatch: pytest.Mon
     eng.load()
     try:
         assert eng.loaded and not eng.compiled
+        assert eng.model.config._attn_implementation == "sdpa"  # the compile-only attention is undone too
         assert "Paris" in eng.chat(FRANCE, GREEDY)
     finally:
         eng.unload()

@@ -158,6 +158,10 @@ class TransformersEngine(Engine):
                     log.warning("torch.compile failed for %s (%s); decoding without it", self.name,
                                 exc.__cause__ or exc)
                     self._decode_step, self.compiled = self.model.forward, False
+                    from bot.engines.decode_attention import NAME as DECODE_ATTENTION
+
+                    if self.model.config._attn_implementation == DECODE_ATTENTION:  # it was SDPA before compiling
+                        self.model.set_attn_implementation("sdpa")
         except Exception as exc:  # noqa: BLE001 - a model that cannot generate is not loaded
             self.unload()
             raise EngineError(f"model {self.name!r} loaded but could not generate: {type(exc).__name__}: {exc}") \
