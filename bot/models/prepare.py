@@ -47,7 +47,9 @@ DEFAULT_GROUP_SIZE = 32  # the Q4_1 source quantizes in blocks of 32: held-out p
 QUANT_SYM = False  # asymmetric (zero point) for GPTQ and AWQ, like Q4_1 (d*q + m); GPTQModel's AWQ defaults to sym
 CALIBRATION_SEQ_LEN = 256  # tokens per sliding-window calibration sample
 CALIBRATION_STRIDE = 128
-CALIBRATION_MAX_SAMPLES = {"gptq": 32, "awq": 12}  # AWQ's scale search costs ~20 forwards per sample
+# GPTQ: 64 = the 49 chat turns + 15 prose/code windows (ppl ratio 1.098; 32 chat turns only gave 1.108);
+# AWQ's scale search costs ~20 forwards per sample, so it keeps fewer
+CALIBRATION_MAX_SAMPLES = {"gptq": 64, "awq": 12}
 MANIFEST = "quantbot_build.json"
 LOCK_FILE = ".prepare.lock"  # serializes concurrent `prepare` runs on one MODELS_DIR (tests, CLI)
 BUILD_VERSION = 2  # bump to force every build to be remade after a recipe change
