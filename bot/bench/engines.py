@@ -143,15 +143,21 @@ def bench_build(settings: Settings, name: str, prompts: list[str], max_new_token
     if engine is None:
         return result
     try:
-        run_prompt(settings, engine, prompts[0], max_new_tokens)
-        for prompt in prompts:
-            if baseline is not None and baseline is not engine:
-                run_prompt(settings, baseline, prompt, max_new_tokens, result, paired=True)
-            run_prompt(settings, engine, prompt, max_new_tokens, result)
+        time_prompts(settings, engine, prompts, max_new_tokens, result, baseline)
         result.gpu_mb = _gpu_mb()
     finally:
         engine.unload()
     return result
+
+
+def time_prompts(settings: Settings, engine: Engine, prompts: list[str], max_new_tokens: int, into: EngineBench,
+                 baseline: Engine | None = None) -> None:
+    """One untimed warm-up reply, then each prompt timed (right after `baseline` answers it, when given)."""
+    run_prompt(settings, engine, prompts[0], max_new_tokens)
+    for prompt in prompts:
+        if baseline is not None:
+            run_prompt(settings, baseline, prompt, max_new_tokens, into, paired=True)
+        run_prompt(settings, engine, prompt, max_new_tokens, into)
 
 
 def cmd_bench_engines(args: argparse.Namespace, settings: Settings) -> int:
@@ -177,9 +183,7 @@ def cmd_bench_engines(args: argparse.Namespace, settings: Settings) -> int:
         baseline, base_engine = load_engine(settings, base_name)
         results.append(baseline)
         if base_engine is not None:
-            run_prompt(settings, base_engine, prompts[0], max_new)
-            for prompt in prompts:
-                run_prompt(settings, base_engine, prompt, max_new, baseline)
+            time_prompts(settings, base_engine, prompts, max_new, baseline)
     try:
         for name in names:
             if name == base_name:

@@ -141,12 +141,9 @@ def streamline(model: nn.Module) -> int:
                 packed = [_packed(children[n]) for n in group]
                 head = SharedInputHead(_fuse(packed), [p.out_features for p in packed])
                 tails = [SharedInputTail(head, i) for i in range(1, len(group))]
-                if not _matches(head, children[group[0]], dtype):
-                    continue
-                x = torch.randn(2, head.in_features, dtype=dtype)
-                with torch.inference_mode():
-                    head(x)
-                    if not all(_close(t(x), children[n](x)) for t, n in zip(tails, group[1:])):
+                x = torch.randn(3, head.in_features, dtype=dtype)
+                with torch.inference_mode():  # the head runs first, as in the model; the tails take its slices
+                    if not all(_close(new(x), children[n](x)) for new, n in zip([head, *tails], group)):
                         continue
             except Exception as exc:  # noqa: BLE001 - unknown internals: keep GPTQModel's own layers
                 log.debug("not fusing %s: %s", group, exc)
