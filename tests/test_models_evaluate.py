@@ -23,7 +23,7 @@ def test_quantized_builds_stay_close_to_the_reference(prepared_models: Path) -> 
     assert results["gguf"].ratio == pytest.approx(1.0, abs=0.05)
     # re-quantizing to 4 bits costs something, but the model must not fall apart
     for build in ("gptq", "awq"):
-        assert 1.0 <= results[build].ratio < 1.45, (build, results[build])  # measured (4253 tokens): gptq 1.10, awq 1.13
+        assert 1.0 <= results[build].ratio < 1.45, (build, results[build])  # measured (4253 tokens): gptq 1.10, awq 1.09
     assert len({r.tokens for r in results.values()}) == 1
 
 

@@ -101,20 +101,3 @@ def test_quantized_builds_are_4bit_and_much_smaller(kind: str, method: str) -> N
     assert size < 0.3 * reference
     assert (results[kind].path / "chat_template.jinja").is_file() or "chat_template" in json.loads(
         (results[kind].path / "tokenizer_config.json").read_text())
-
-
-def test_awq_recipe_settings_apply_to_one_build_and_fail_loudly_when_gone(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The AWQ build turns off GPTQModel's clip search, which has no config field: if a GPTQModel release drops
-    the attribute, the build must stop instead of quietly making another recipe."""
-    from gptqmodel.looper import awq_processor
-
-    class Processor:
-        def __init__(self) -> None:
-            self.apply_clip = True
-
-    monkeypatch.setattr(awq_processor, "AWQProcessor", Processor)
-    with prep._awq_processor_settings(apply_clip=False):
-        assert Processor().apply_clip is False
-    assert Processor().apply_clip is True  # other users of GPTQModel in the process are untouched afterwards
-    with prep._awq_processor_settings(renamed_setting=False), pytest.raises(BotError, match="renamed_setting"):
-        Processor()

@@ -26,14 +26,14 @@ import os
 import shutil
 import sys
 import time
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager, nullcontext
+from collections.abc import Iterable
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from bot.errors import BotError
+from bot.models.awq_recipe import awq_then_gptq
 
 if TYPE_CHECKING:
     from bot.config import Settings
@@ -48,12 +48,10 @@ DEFAULT_GROUP_SIZE = 32  # the Q4_1 source quantizes in blocks of 32: held-out p
 QUANT_SYM = False  # asymmetric (zero point) for GPTQ and AWQ, like Q4_1 (d*q + m); GPTQModel's AWQ defaults to sym
 CALIBRATION_SEQ_LEN = 256  # tokens per sliding-window calibration sample
 CALIBRATION_STRIDE = 128
-# GPTQ: 64 = the 49 chat turns + 15 prose/code windows (ppl ratio 1.098; 32 chat turns only gave 1.108);
-# AWQ's scale search costs ~20 forwards per sample, so it keeps fewer
-CALIBRATION_MAX_SAMPLES = {"gptq": 64, "awq": 12}
-# GPTQModel's AWQ clips weight ranges by a search on the calibration outputs; on this already-4-bit source that
-# hurt: held-out ppl ratio 1.231 with it, 1.126 without (GPTQModel 7.6 has no config field for it)
-AWQ_APPLY_CLIP = False
+# 64 = the 49 chat turns + 15 prose/code windows (GPTQ ppl ratio 1.098; 32 chat turns only gave 1.108); the AWQ
+# build rounds with GPTQ too, over the same samples (see bot.models.awq_recipe)
+CALIBRATION_MAX_SAMPLES = {"gptq": 64, "awq": 64}
+AWQ_RECIPE = "awq-scales+gptq-rounding, no clip search"  # recorded in the manifest: a new recipe means a rebuild
 MANIFEST = "quantbot_build.json"
 LOCK_FILE = ".prepare.lock"  # serializes concurrent `prepare` runs on one MODELS_DIR (tests, CLI)
 BUILD_VERSION = 2  # bump to force every build to be remade after a recipe change
@@ -128,7 +126,7 @@ def expected_manifest(kind: str, source: Path, group_size: int) -> dict[str, Any
                         calibration_sha256=hashlib.sha256(data_text("calibration.txt").encode()).hexdigest())
         manifest["sym"] = QUANT_SYM
     if kind == "awq":
-        manifest["apply_clip"] = AWQ_APPLY_CLIP
+        manifest["recipe"] = AWQ_RECIPE
     return manifest
 
 
@@ -220,33 +218,18 @@ def _build_quantized(kind: str, hf_dir: Path, out: Path, group_size: int) -> Non
     model = GPTQModel.load(str(hf_dir), config, device=device)
     # On CPU the AWQ GEMM packer has no kernel; the portable torch one writes the same GEMM format.
     backend = BACKEND.AWQ_TORCH if kind == "awq" and device == "cpu" else BACKEND.AUTO
-    with _awq_processor_settings(apply_clip=AWQ_APPLY_CLIP) if kind == "awq" else nullcontext():
-        model.quantize(calibration_samples(tokenizer, CALIBRATION_MAX_SAMPLES[kind]), batch_size=1, backend=backend)
+    samples = calibration_samples(tokenizer, CALIBRATION_MAX_SAMPLES[kind])
+    if kind == "gptq":
+        model.quantize(samples, batch_size=1, backend=backend)
+    else:
+        with awq_then_gptq() as stats:
+            model.quantize(samples, batch_size=1, backend=backend)
+        if not stats.gptq_rounded:  # GPTQModel's internals moved: this would be another, worse recipe
+            raise BotError("the AWQ build rounded no layer with GPTQ; the AWQ recipe (bot/models/awq_recipe.py) "
+                           "needs updating for this GPTQModel")
     model.save(str(out))
     tokenizer.save_pretrained(out)
     (out / "quant_log.csv").unlink(missing_ok=True)
-
-
-@contextmanager
-def _awq_processor_settings(**attrs: Any) -> Iterator[None]:
-    """Set attributes GPTQModel's AWQProcessor hard-codes in its __init__, for the duration of one build."""
-    from gptqmodel.looper import awq_processor
-
-    cls = awq_processor.AWQProcessor
-    original = cls.__init__
-
-    def init(self: Any, *args: Any, **kwargs: Any) -> None:
-        original(self, *args, **kwargs)
-        for name, value in attrs.items():
-            if not hasattr(self, name):  # a GPTQModel that renamed it: fail loudly rather than build another recipe
-                raise BotError(f"this GPTQModel's AWQ has no {name!r} setting; the AWQ recipe needs updating")
-            setattr(self, name, value)
-
-    cls.__init__ = init
-    try:
-        yield
-    finally:
-        cls.__init__ = original
 
 
 def _build_gguf(source: Path, out: Path) -> None:
