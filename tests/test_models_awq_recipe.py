@@ -100,3 +100,14 @@ def test_recipe_fails_loudly_when_gptqmodel_renames_what_it_patches(monkeypatch:
     monkeypatch.setattr(awq_processor, "AWQProcessor", Renamed)
     with pytest.raises(BotError, match="apply_quant"), awq_recipe.awq_then_gptq():
         pass
+
+
+def test_a_build_that_rounds_nothing_with_gptq_fails_loudly(monkeypatch: pytest.MonkeyPatch) -> None:
+    """If GPTQModel stops capturing inputs where the recipe reads them, every linear would silently fall back to
+    round-to-nearest (the 1.13x recipe): the build must stop instead."""
+    from gptqmodel.looper import awq_processor
+
+    monkeypatch.setattr(awq_processor, "AWQProcessor", _Processor)
+    fc = torch.nn.Linear(128, 48, bias=False)
+    with pytest.raises(BotError, match="none was rounded by GPTQ"), awq_recipe.awq_then_gptq():
+        _Processor().apply_quant({"mlp.fc": fc}, [])

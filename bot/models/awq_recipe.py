@@ -75,7 +75,8 @@ def gptq_round(weight: Any, inputs: Any, bits: int, group_size: int, sym: bool,
 
 @contextmanager
 def awq_then_gptq() -> Iterator[RecipeStats]:
-    """Patch GPTQModel's AWQProcessor for the duration of one build (see the module docstring)."""
+    """Patch GPTQModel's AWQProcessor for the duration of one build (see the module docstring); a build in which
+    no linear was rounded by GPTQ raises a BotError."""
     import torch
     from gptqmodel.looper import awq_processor
 
@@ -137,3 +138,5 @@ def awq_then_gptq() -> Iterator[RecipeStats]:
             setattr(cls, name, method)
     log.info("AWQ build: %d linears rounded by GPTQ, %d by round-to-nearest", stats.gptq_rounded,
              stats.nearest_rounded)
+    if not stats.gptq_rounded:  # GPTQModel's internals moved: the build would be another, worse recipe
+        raise _stale("captured inputs for any linear (none was rounded by GPTQ)")
