@@ -6,6 +6,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 
 from bot.config import ModelProfile, Settings
 from bot.engines import CancelToken, ChatMessage, EngineError, GenerationParams, StreamStats, create_engine
@@ -43,6 +44,19 @@ def test_answers_a_simple_question(engine: TransformersEngine) -> None:
     assert "Paris" in reply
     # the repetition penalty spares the template's <|im_end|>, so the model can end its turn
     assert stats.finish_reason == "stop" and stats.completion_tokens < 40
+
+
+@pytest.mark.slow
+def test_decodes_on_our_cpu_kernels(engine: TransformersEngine) -> None:
+    """On the CPU every 4-bit projection runs on our int4 kernel and the output head on our int8 one."""
+    from bot.engines.cpu_int4 import NativeInt4Linear
+    from bot.engines.cpu_int8_head import Int8Linear
+
+    model = engine.model
+    assert isinstance(model.get_output_embeddings(), Int8Linear)
+    native = [m for m in model.modules() if isinstance(m, NativeInt4Linear)]
+    assert len(native) == 4 * model.config.num_hidden_layers  # q/k/v fused, o, gate/up fused, down
+    assert isinstance(model.get_input_embeddings(), torch.nn.Embedding)  # the (tied) embedding is untouched
 
 
 @pytest.mark.slow

@@ -1,4 +1,4 @@
-"""Leaner CPU decoding of GPTQ/AWQ layers: the same torch int4 kernel GPTQModel picks, with less work per call.
+"""Leaner CPU decoding of GPTQ/AWQ layers: fewer, cheaper int4 matmuls than GPTQModel's own CPU layers.
 
 GPTQModel's CPU layers (``TorchAtenLinear``, ``TorchAtenAwqLinear``) repack their weights for
 ``aten._weight_int4pack_mm_for_cpu`` on first use and then, on every call, check their mode and gather the
@@ -7,8 +7,10 @@ small model makes about two hundred such calls, so the per-call extras are a vis
 
 :func:`streamline` repacks every such layer up front, swaps in :class:`PackedInt4Linear` (one kernel call,
 a gather only where ``g_idx`` really permutes), and lets the attention's q/k/v projections, which read the
-same input, run as one wider matmul. Each swap is checked against the original layer's output on a random
-input; a layer that does not match, or a GPTQModel version whose internals differ, is left as it was.
+same input, run as one wider matmul. Where our own kernel builds (:mod:`bot.engines.native`), each packed layer
+then moves to it as a :class:`NativeInt4Linear`: torch's int4 kernel is compute-bound on AVX2 for one row, ours
+decodes about 1.5x faster. Each swap is checked against the original layer's output on a random input; a layer
+that does not match, or a GPTQModel version whose internals differ, is left as it was.
 """
 
 from __future__ import annotations
@@ -23,8 +25,11 @@ log = logging.getLogger(__name__)
 
 # --- tuning constants ---
 LAYER_CLASSES = ("TorchAtenLinear", "TorchAtenAwqLinear")  # GPTQModel's CPU int4 layers we know the insides of
-FUSED_GROUPS = (("q_proj", "k_proj", "v_proj"),)  # siblings reading one input; gate/up measured no faster fused
+# Siblings reading one input, computed as one matmul (the first one named runs first in the model). On our kernel
+# fusing gate/up saves ~5% of the decode time; on torch's it measured no faster.
+FUSED_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 CHECK_TOLERANCE = 2e-2  # relative max error allowed against the original layer (both run bf16 on one kernel)
+NATIVE_BLOCK = 64  # inputs per packed block of our kernel (groups: 32 or multiples of 64)
 
 
 class PackedInt4Linear(nn.Module):
@@ -51,11 +56,75 @@ class PackedInt4Linear(nn.Module):
         return out.reshape(shape)
 
 
+class NativeInt4Linear(nn.Module):
+    """y = x @ W^T through ``quantbot::int4_linear``: W = code * scale + offset per group, codes nibble-packed in
+    the layout of ``bot/engines/native/lowbit_linear.cpp``."""
+
+    def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor, group_size: int,
+                 perm: torch.Tensor | None = None, bias: torch.Tensor | None = None) -> None:
+        super().__init__()
+        self.register_buffer("qweight", qweight, persistent=False)
+        self.register_buffer("scales", scales, persistent=False)
+        self.register_buffer("offsets", offsets, persistent=False)
+        self.register_buffer("perm", perm, persistent=False)
+        self.register_buffer("bias", bias, persistent=False)
+        self.group_size, self.in_features, self.out_features = group_size, qweight.shape[1] * 2, qweight.shape[0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.perm is not None:
+            x = x.index_select(-1, self.perm)
+        out = torch.ops.quantbot.int4_linear(x, self.qweight, self.scales, self.offsets, self.group_size)
+        return out + self.bias if self.bias is not None else out
+
+
+def nibble_pack(codes: torch.Tensor) -> torch.Tensor:
+    """Codes 0..15 of shape [N, K] as uint8 [N, K/2]: per 64 inputs, 32-bit lane l holds input 8p+l in nibble p."""
+    n, k = codes.shape
+    blocks = codes.to(torch.int32).reshape(n, k // NATIVE_BLOCK, 8, 8)  # [row, block, nibble p, lane l]
+    lanes = blocks[:, :, 0, :].clone()
+    for p in range(1, 8):
+        lanes |= blocks[:, :, p, :] << (4 * p)
+    return lanes.contiguous().view(torch.uint8).reshape(n, k // 2)
+
+
+def _native(packed: PackedInt4Linear) -> NativeInt4Linear:
+    """The twin of `packed` on our kernel, with the very weights torch's kernel uses (read back through it)."""
+    if (packed.group_size != 32 and packed.group_size % NATIVE_BLOCK) or packed.in_features % NATIVE_BLOCK:
+        raise ValueError(f"our kernel takes groups of 32 or a multiple of {NATIVE_BLOCK} inputs, "
+                         f"not {packed.group_size} of {packed.in_features}")
+    groups = packed.in_features // packed.group_size
+    # torch's kernel computes W = (code - 8) * scale + zero: with scale 1 and zero 8, times the identity, it
+    # hands back the codes themselves in whatever order it packed them.
+    unit = torch.tensor([1.0, 8.0], dtype=torch.bfloat16).expand(groups, packed.out_features, 2).contiguous()
+    eye = torch.eye(packed.in_features, dtype=torch.bfloat16)
+    codes = torch.ops.aten._weight_int4pack_mm_for_cpu(eye, packed.qweight, packed.group_size, unit)
+    scales = packed.scales_and_zeros[..., 0].float()
+    offsets = packed.scales_and_zeros[..., 1].float() - 8 * scales
+    return NativeInt4Linear(nibble_pack(codes.t().round().to(torch.uint8)), scales.t().contiguous(),
+                            offsets.t().contiguous(), packed.group_size, packed.perm, packed.bias)
+
+
+def _on_native_kernel(packed: PackedInt4Linear, dtype: torch.dtype) -> nn.Module:
+    """`packed` moved to our kernel where it builds and agrees with torch's; `packed` itself otherwise."""
+    from bot.engines.native import kernels
+
+    if kernels() is None:
+        return packed
+    try:
+        native = _native(packed)
+        if _matches(native, packed, dtype):
+            return native
+        log.warning("our int4 kernel disagrees with torch's on a layer; keeping torch's")
+    except Exception as exc:  # noqa: BLE001 - an unusual layout: torch's kernel still works
+        log.debug("not moving a layer to our int4 kernel: %s", exc)
+    return packed
+
+
 class SharedInputHead(nn.Module):
     """Stands in for the first of several projections of one input: computes all of them in one call and
     keeps the others' slices for the :class:`SharedInputTail` modules that replaced them."""
 
-    def __init__(self, fused: PackedInt4Linear, sizes: list[int]) -> None:
+    def __init__(self, fused: nn.Module, sizes: list[int]) -> None:
         super().__init__()
         self.fused, self.sizes = fused, sizes
         self.in_features, self.out_features = fused.in_features, sizes[0]
@@ -145,6 +214,7 @@ def streamline(model: nn.Module) -> int:
                 with torch.inference_mode():  # the head runs first, as in the model; the tails take its slices
                     if not all(_close(new(x), children[n](x)) for new, n in zip([head, *tails], group)):
                         continue
+                head.fused = _on_native_kernel(head.fused, dtype)
             except Exception as exc:  # noqa: BLE001 - unknown internals: keep GPTQModel's own layers
                 log.debug("not fusing %s: %s", group, exc)
                 continue
@@ -160,6 +230,7 @@ def streamline(model: nn.Module) -> int:
                 lean = _packed(child)
                 if not _matches(lean, child, dtype):
                     continue
+                lean = _on_native_kernel(lean, dtype)
             except Exception as exc:  # noqa: BLE001
                 log.debug("not repacking %s: %s", name, exc)
                 continue

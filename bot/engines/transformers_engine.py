@@ -47,6 +47,17 @@ def quiet_gptqmodel() -> None:
     LogBar.shared().setLevel(logging.WARNING)
 
 
+def cpu_decode_path(model: Any) -> None:
+    """What a quantized model runs on in the CPU: its int4 layers repacked (our kernel where it builds) and its
+    16-bit output head as 8-bit. Unquantized models are left as they are."""
+    from bot.engines.cpu_int4 import streamline
+    from bot.engines.cpu_int8_head import quantize_output_head
+
+    swapped = streamline(model)
+    head = swapped > 0 and quantize_output_head(model)
+    log.debug("%d int4 layers repacked for the CPU; 8-bit output head: %s", swapped, head)
+
+
 class IncrementalDecoder:
     """Turns a growing list of token ids into text deltas without splitting UTF-8 characters."""
 
@@ -131,10 +142,7 @@ class TransformersEngine(Engine):
         self._eos_ids = self._end_of_turn_ids()
         self._special_ids = frozenset(tokenizer.all_special_ids) | frozenset(self._eos_ids)
         if model.device.type == "cpu":
-            from bot.engines.cpu_int4 import streamline
-
-            swapped = streamline(model)
-            log.debug("%s: %d int4 layers repacked for the CPU kernel", self.name, swapped)
+            cpu_decode_path(model)
         self._decode_step = self._compile_decode_step()
         self._warm_up()
         log.info("loaded %s (%s) on %s, dtype %s", self.name, self.profile.format, model.device, model.dtype)

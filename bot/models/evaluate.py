@@ -2,7 +2,8 @@
 
 The reference ("hf") is the SmolLM2 Q4_1 GGUF de-quantized to float32, so the GGUF build should score
 almost exactly 1.0 (same weights, different runtime) and GPTQ/AWQ show what re-quantizing costs.
-Every build is scored on the same token ids (the hf tokenizer's), in non-overlapping windows.
+Every build is scored on the same token ids (the hf tokenizer's), in non-overlapping windows, and on the CPU
+through the same kernels the engine decodes with (so the 8-bit output head is part of the score).
 """
 
 from __future__ import annotations
@@ -56,6 +57,10 @@ def transformers_nll(path: Path, ids: list[int]) -> tuple[float, int]:
 
     device_map = "auto" if torch.cuda.is_available() else "cpu"
     model = AutoModelForCausalLM.from_pretrained(path, device_map=device_map, dtype="auto").eval()
+    if model.device.type == "cpu":  # measure what the engine runs: our CPU kernels, the 8-bit head
+        from bot.engines.transformers_engine import cpu_decode_path
+
+        cpu_decode_path(model)
     total, count = 0.0, 0
     with torch.inference_mode():
         for window in _windows(ids):

@@ -1,0 +1,64 @@
+"""The output head of a quantized model on the CPU as 8-bit codes with a scale per 32 inputs.
+
+The head (vocabulary x hidden) is the largest single matmul of a small model's decode step and stays 16-bit in
+GPTQ/AWQ checkpoints: on the embedded model it reads 56 MB per token. In the layout of GGUF's Q8_0, which is
+where the embedded model's head comes from, it reads 32 MB through our kernel (:mod:`bot.engines.native`).
+The unquantized build keeps its head as it is: it is the reference the quantized builds are measured against.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+# --- tuning constants ---
+BLOCK = 32  # inputs per scale, as in Q8_0
+CHECK_TOLERANCE = 2e-2  # relative max error allowed against the 16-bit head on a random input
+
+
+class Int8Linear(nn.Module):
+    """y = x @ W^T through ``quantbot::int8_linear``: W = code * scale, one scale per 32 inputs."""
+
+    def __init__(self, qweight: torch.Tensor, scales: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("qweight", qweight, persistent=False)
+        self.register_buffer("scales", scales, persistent=False)
+        self.out_features, self.in_features = qweight.shape
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.quantbot.int8_linear(x, self.qweight, self.scales)
+
+
+def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Codes int8 [N, K] in the kernel's lane order (per 32 inputs, lane l holds input 8p+l in byte p) and
+    float32 scales [N, K/32]."""
+    n, k = weight.shape
+    blocks = weight.float().reshape(n, k // BLOCK, BLOCK)
+    scales = blocks.abs().amax(-1) / 127
+    scales = torch.where(scales > 0, scales, torch.ones_like(scales))
+    codes = torch.round(blocks / scales[..., None]).clamp(-127, 127).to(torch.int8)
+    lanes = codes.reshape(n, k // BLOCK, 4, 8).transpose(2, 3)  # [row, block, lane l, byte p]
+    return lanes.contiguous().reshape(n, k), scales.contiguous()
+
+
+def quantize_output_head(model: nn.Module) -> bool:
+    """Swap `model`'s 16-bit output head for :class:`Int8Linear` where our kernel builds; True if swapped."""
+    from bot.engines.native import kernels
+
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if (kernels() is None or not isinstance(head, nn.Linear) or head.bias is not None
+            or head.in_features % BLOCK or head.weight.device.type != "cpu"):
+        return False
+    with torch.inference_mode():
+        int8 = Int8Linear(*quantize_rows(head.weight))
+        x = torch.randn(2, head.in_features, dtype=head.weight.dtype)
+        want, got = head(x).float(), int8(x).float()
+    if (want - got).abs().max() > CHECK_TOLERANCE * want.abs().max():
+        log.warning("the 8-bit output head disagrees with the 16-bit one; keeping the 16-bit head")
+        return False
+    model.set_output_embeddings(int8)
+    return True

@@ -1,0 +1,70 @@
+"""Our own CPU kernels (``torch.ops.quantbot``: ``int4_linear``, ``int8_linear``; see lowbit_linear.cpp),
+compiled on first use with torch's C++ extension builder and cached by torch (``$TORCH_EXTENSIONS_DIR``,
+default ``~/.cache/torch_extensions``).
+
+A machine without a C++ compiler, or one where the build fails, keeps torch's kernels: :func:`kernels` then
+returns None and says why once in the log.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+# --- tuning constants ---
+SOURCE = Path(__file__).with_name("lowbit_linear.cpp")
+BASE_FLAGS = ["-O3", "-fopenmp"]  # OpenMP: at::parallel_for splits the outputs over torch's threads
+# Vector flags by what torch detected on this CPU: explicit, not -march=native, so a cached build also runs on
+# another machine of the same class (the capability is part of the build's name).
+VECTOR_FLAGS = {"AVX2": ["-mavx2", "-mfma", "-mf16c"], "AVX512": ["-mavx2", "-mfma", "-mf16c"]}
+
+_lock = threading.Lock()
+_state: dict[str, Any] = {}  # "ops": the loaded namespace, or None once a build failed
+
+
+def kernels() -> Any | None:
+    """``torch.ops.quantbot``, built the first time it is asked for; None where it cannot be built."""
+    with _lock:
+        if "ops" not in _state:
+            _state["ops"] = _build()
+        return _state["ops"]
+
+
+def _build() -> Any | None:
+    import torch
+
+    capability = torch.backends.cpu.get_cpu_capability()
+    name = f"quantbot_lowbit_{capability.lower()}"
+    try:
+        from torch.utils.cpp_extension import load
+
+        start = time.perf_counter()
+        log.info("building our CPU kernels %s (once; about 15 s)", name)
+        load(name=name, sources=[str(SOURCE)], extra_cflags=BASE_FLAGS + VECTOR_FLAGS.get(capability, []),
+             extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
+        log.debug("CPU kernels ready in %.1f s", time.perf_counter() - start)
+    except Exception as exc:  # noqa: BLE001 - no compiler, no ninja, a failed build: torch's kernels still work
+        log.warning("our CPU kernels could not be built (%s: %s); using torch's, which are slower",
+                    type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
+        return None
+    _register_fakes()
+    return torch.ops.quantbot
+
+
+def _register_fakes() -> None:
+    """The ops' output shapes, so torch.compile can trace through them."""
+    import torch
+
+    @torch.library.register_fake("quantbot::int4_linear")
+    def _(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor,
+          group_size: int) -> torch.Tensor:
+        return x.new_empty((*x.shape[:-1], qweight.shape[0]))
+
+    @torch.library.register_fake("quantbot::int8_linear")
+    def _(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+        return x.new_empty((*x.shape[:-1], qweight.shape[0]))
