@@ -34,8 +34,9 @@ RUN pip install ".[llamacpp,postgres]" && pip uninstall -y quantbot \
 
 FROM ${PYTHON_IMAGE}
 ARG VARIANT=cpu
-# g++ at run time: torch.compile (TORCH_COMPILE=auto, on CPU) builds its decode kernels with it; without it the
-# bot falls back to eager decoding, about 1.7x slower.
+# g++ at run time: torch.compile (TORCH_COMPILE=auto, on CPU) builds its decode kernels with it, and the bot builds
+# its own CPU int4/int8 kernels (bot/engines/native) once; without it the bot falls back to torch's kernels and
+# eager decoding, about 2x slower.
 LABEL org.opencontainers.image.title="quantbot" org.opencontainers.image.description="4-bit LLM chat bot (${VARIANT})"
 RUN apt-get update \
  && apt-get install -y --no-install-recommends libgomp1 tini g++ \
@@ -54,6 +55,7 @@ ENV PATH=/opt/venv/bin:$PATH \
     DATABASE_URL=sqlite+aiosqlite:////data/quantbot.db \
     HF_HOME=/models/.hf-cache \
     TORCHINDUCTOR_CACHE_DIR=/models/.inductor-cache \
+    TORCH_EXTENSIONS_DIR=/models/.torch-extensions \
     QUANTBOT_VARIANT=${VARIANT}
 USER bot
 VOLUME ["/models", "/data"]
