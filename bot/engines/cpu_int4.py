@@ -9,8 +9,8 @@ small model makes about two hundred such calls, so the per-call extras are a vis
 a gather only where ``g_idx`` really permutes), and lets siblings that read the same input (q/k/v, gate/up)
 run as one wider matmul. Where our own kernel builds (:mod:`bot.engines.native`), each packed layer then moves
 to it as a :class:`NativeInt4Linear`: torch's int4 kernel is compute-bound on AVX2 for one row, ours runs
-one-token matmuls 1.3-1.5x faster. Each swap is checked against the original layer's output on a random input; a layer
-that does not match, or a GPTQModel version whose internals differ, is left as it was.
+one-token matmuls 1.3-1.5x faster. Each swap is checked against the original layer's output on a random input;
+a layer that does not match, or a GPTQModel version whose internals differ, is left as it was.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ LAYER_CLASSES = ("TorchAtenLinear", "TorchAtenAwqLinear")  # GPTQModel's CPU int
 # Siblings reading one input, computed as one matmul (the first one named runs first in the model). On our kernel
 # fusing gate/up saves ~5% of the decode time; on torch's it measured no faster.
 FUSED_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
-CHECK_TOLERANCE = 2e-2  # relative max error allowed against the original layer (both run bf16 on one kernel)
+CHECK_TOLERANCE = 2e-2  # relative max error allowed against the original layer (bf16 outputs)
 NATIVE_BLOCK = 64  # inputs per packed block of our kernel (groups: 32 or multiples of 64)
 
 
@@ -192,7 +192,7 @@ def _fuse(parts: list[PackedInt4Linear]) -> PackedInt4Linear:
 def _matches(new: nn.Module, old: nn.Module, dtype: torch.dtype) -> bool:
     x = torch.randn(3, int(old.in_features), dtype=dtype)
     with torch.inference_mode():
-        return _close(new(x), old(x))
+        return outputs_agree(new(x), old(x))
 
 
 def streamline(model: nn.Module) -> int:
@@ -212,7 +212,7 @@ def streamline(model: nn.Module) -> int:
                 tails = [SharedInputTail(head, i) for i in range(1, len(group))]
                 x = torch.randn(3, head.in_features, dtype=dtype)
                 with torch.inference_mode():  # the head runs first, as in the model; the tails take its slices
-                    if not all(_close(new(x), children[n](x)) for new, n in zip([head, *tails], group)):
+                    if not all(outputs_agree(new(x), children[n](x)) for new, n in zip([head, *tails], group)):
                         continue
                 head.fused = _on_native_kernel(head.fused, dtype)
             except Exception as exc:  # noqa: BLE001 - unknown internals: keep GPTQModel's own layers
@@ -239,6 +239,7 @@ def streamline(model: nn.Module) -> int:
     return swapped
 
 
-def _close(got: torch.Tensor, want: torch.Tensor) -> bool:
+def outputs_agree(got: torch.Tensor, want: torch.Tensor) -> bool:
+    """Whether a swapped-in layer's output is within CHECK_TOLERANCE of the original's (relative to its peak)."""
     got, want = got.float(), want.float()
     return bool(((want - got).abs().max() <= CHECK_TOLERANCE * want.abs().max().clamp_min(1e-6)).item())

@@ -21,7 +21,8 @@ SOURCE = Path(__file__).with_name("lowbit_linear.cpp")
 BASE_FLAGS = ["-O3", "-fopenmp"]  # OpenMP: at::parallel_for splits the outputs over torch's threads
 # Vector flags by what torch detected on this CPU: explicit, not -march=native, so a cached build also runs on
 # another machine of the same class (the capability is part of the build's name).
-VECTOR_FLAGS = {"AVX2": ["-mavx2", "-mfma", "-mf16c"], "AVX512": ["-mavx2", "-mfma", "-mf16c"]}
+AVX2_CAPABLE = ("AVX2", "AVX512")  # torch's names for CPUs that run the AVX2/FMA code path
+AVX2_FLAGS = ["-mavx2", "-mfma"]
 
 _lock = threading.Lock()
 _state: dict[str, Any] = {}  # "ops": the loaded namespace, or None once a build failed
@@ -45,7 +46,8 @@ def _build() -> Any | None:
 
         start = time.perf_counter()
         log.info("building our CPU kernels %s (once; about 15 s)", name)
-        load(name=name, sources=[str(SOURCE)], extra_cflags=BASE_FLAGS + VECTOR_FLAGS.get(capability, []),
+        vector_flags = AVX2_FLAGS if capability in AVX2_CAPABLE else []
+        load(name=name, sources=[str(SOURCE)], extra_cflags=BASE_FLAGS + vector_flags,
              extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
         log.debug("CPU kernels ready in %.1f s", time.perf_counter() - start)
     except Exception as exc:  # noqa: BLE001 - no compiler, no ninja, a failed build: torch's kernels still work
