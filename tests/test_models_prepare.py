@@ -10,6 +10,7 @@ import pytest
 from bot.cli import main
 from bot.errors import BotError
 from bot.models import prepare as prep
+from bot.models import recipes
 from tests.models_fixture import shared_models_dir
 
 SHARED_BUILDS = shared_models_dir()
@@ -44,7 +45,7 @@ def test_failed_build_leaves_nothing_that_looks_finished(tmp_path: Path, monkeyp
         (out / "half-written.gguf").write_bytes(b"GG")
         raise OSError("disk full")
 
-    monkeypatch.setattr(prep, "_build_gguf", explode)
+    monkeypatch.setattr(prep.recipes, "build_gguf", explode)
     with pytest.raises(BotError, match="building the gguf model failed: OSError: disk full"):
         prep.prepare(tmp_path, ["gguf"])
     assert not (tmp_path / "smollm2-135m-gguf").exists()
@@ -80,11 +81,11 @@ def test_calibration_samples_include_chat_formatted_turns() -> None:
 
     builds = prep.prepare(SHARED_BUILDS, ["hf"])
     tokenizer = AutoTokenizer.from_pretrained(builds[0].path)
-    samples = prep.calibration_samples(tokenizer, 12)
+    samples = recipes.calibration_samples(tokenizer, 12)
     assert len(samples) == 12
     texts = [tokenizer.decode(s["input_ids"]) for s in samples]
     assert any(t.startswith("<|im_start|>") and "<|im_start|>assistant" in t for t in texts)
-    assert all(len(s["input_ids"]) <= prep.CALIBRATION_SEQ_LEN for s in samples)
+    assert all(len(s["input_ids"]) <= recipes.CALIBRATION_SEQ_LEN for s in samples)
 
 
 @pytest.mark.slow
@@ -93,7 +94,7 @@ def test_quantized_builds_are_4bit_and_much_smaller(kind: str, method: str) -> N
     results = {r.kind: r for r in prep.prepare(SHARED_BUILDS, [kind])}
     config = json.loads((results[kind].path / "config.json").read_text())
     quant = config["quantization_config"]
-    assert quant["bits"] == 4 and quant["quant_method"] == method and quant["group_size"] == prep.DEFAULT_GROUP_SIZE
+    assert quant["bits"] == 4 and quant["quant_method"] == method and quant["group_size"] == recipes.DEFAULT_GROUP_SIZE
     # asymmetric with a zero point, like the Q4_1 source (GPTQ "sym": false, AWQ "zero_point": true)
     assert quant["sym"] is False if kind == "gptq" else quant["zero_point"] is True
     size = (results[kind].path / "model.safetensors").stat().st_size
@@ -101,3 +102,67 @@ def test_quantized_builds_are_4bit_and_much_smaller(kind: str, method: str) -> N
     assert size < 0.3 * reference
     assert (results[kind].path / "chat_template.jinja").is_file() or "chat_template" in json.loads(
         (results[kind].path / "tokenizer_config.json").read_text())
+
+
+def _fake_hf_recipe(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
+    """Stand in for the real hf recipe (26 s): records each build and writes a folder."""
+    made: list[Path] = []
+
+    def build_hf(source: Path, out: Path) -> None:
+        out.mkdir(parents=True)
+        (out / "config.json").write_text("{}")
+        made.append(out)
+
+    monkeypatch.setattr(prep.recipes, "build_hf", build_hf)
+    return made
+
+
+def test_a_build_is_rebuilt_when_the_code_that_makes_it_changes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    made = _fake_hf_recipe(monkeypatch)
+    assert [(r.kind, r.built, r.reason) for r in prep.prepare(tmp_path, ["hf"])] == [("hf", True, "not built")]
+    assert not prep.prepare(tmp_path, ["hf"])[0].built and len(made) == 1
+    # one byte more in the recipe module's source: the same manifest no longer matches
+    edited = tmp_path / "recipes.py"
+    edited.write_bytes(Path(recipes.__file__).read_bytes() + b"#")
+    monkeypatch.setattr(recipes, "__file__", str(edited))
+    capsys.readouterr()
+    again = prep.prepare(tmp_path, ["hf"])
+    assert [(r.built, r.reason) for r in again] == [(True, "build code changed")] and len(made) == 2
+    assert "hf: build code changed, rebuilding" in capsys.readouterr().err
+
+
+def test_one_changed_byte_of_calibration_text_makes_the_quantized_builds_stale(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    source = prep.find_source_gguf()
+    for kind in ("hf", "gptq", "awq"):  # current builds, as far as their manifests say
+        path = prep.build_path(tmp_path, kind)
+        path.mkdir()
+        prep._write_manifest(path, prep.expected_manifest(kind, source, recipes.DEFAULT_GROUP_SIZE), 1.0)
+        assert prep.stale_reason(tmp_path, kind, source) is None
+    text = recipes.data_text("calibration.txt")
+    changed = text[:100] + ("x" if text[100] != "x" else "y") + text[101:]
+    monkeypatch.setattr(prep, "data_text", lambda name: changed if name == "calibration.txt" else text)
+    assert prep.stale_reason(tmp_path, "gptq", source) == "calibration text changed"
+    assert prep.stale_reason(tmp_path, "awq", source) == "calibration text changed"
+    assert prep.stale_reason(tmp_path, "hf", source) is None  # the hf build uses no calibration
+
+
+def test_library_versions_and_the_hf_build_underneath_are_part_of_the_key(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    source = prep.find_source_gguf()
+    for kind in ("hf", "awq"):
+        path = prep.build_path(tmp_path, kind)
+        path.mkdir()
+        prep._write_manifest(path, prep.expected_manifest(kind, source, recipes.DEFAULT_GROUP_SIZE), 1.0)
+    real = prep._version
+    monkeypatch.setattr(prep, "_version", lambda name: "99.0" if name == "gptqmodel" else real(name))
+    assert prep.stale_reason(tmp_path, "awq", source).startswith("library versions changed (gptqmodel ")
+    assert prep.stale_reason(tmp_path, "hf", source) is None  # hf is not written by GPTQModel
+    monkeypatch.setattr(prep, "_version", lambda name: "99.0" if name == "transformers" else real(name))
+    # a new transformers changes the hf build, so the AWQ build made from it is stale too
+    assert prep.stale_reason(tmp_path, "hf", source).startswith("library versions changed")
+    assert prep.stale_reason(tmp_path, "awq", source).startswith("library versions changed")
+    monkeypatch.setattr(prep, "_version", real)
+    monkeypatch.setattr(prep, "BUILD_CODE", dict(prep.BUILD_CODE, hf=(recipes, prep)))  # hf's code "changed"
+    assert prep.stale_reason(tmp_path, "awq", source) == "the hf build it starts from changed"

@@ -290,9 +290,15 @@ async def test_model_command_switches_between_local_and_remote(server: LlamaServ
         assert service.current_model == "remote"
         remote = await say(service, "Say hi.")
         assert remote.status == ReplyStatus.COMPLETE, remote.errors
-        # same weights, same template, greedy: the server answers what the in-process engine did
-        assert remote.final == local.final
+        # Two llama.cpp runtimes (threads, batch sizes) need not pick the same greedy tokens; what must hold is
+        # that each answered, streamed, and that the conversation carried over the switch.
+        assert local.final.strip() and remote.final.strip() and local.updates and remote.updates
         assert len(engines.made["remote"].prompts) == 1 and len(engines.made["local-gguf"].prompts) == 1
+        carried = engines.made["remote"].prompts[0]
+        assert [(m.role, m.content) for m in carried[-3:]] == [
+            ("user", "Say hi."), ("assistant", local.final), ("user", "Say hi.")]
+        rows = await service.store.messages(await service.store.chat_id("test", "c1"))
+        assert [r.model for r in rows if r.role == "assistant"][-2:] == ["local-gguf", "remote"]
 
 
 async def test_remote_replies_run_concurrently_up_to_the_limit(server: LlamaServer, tmp_path: Path) -> None:

@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from bot.errors import BotError
-from bot.models.prepare import BUILD_DIRS, SOURCE_FILE, build_path, data_text
+from bot.models.prepare import BUILD_DIRS, build_path
+from bot.models.recipes import SOURCE_FILE, data_text
 
 if TYPE_CHECKING:
     from bot.config import Settings

