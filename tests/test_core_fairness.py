@@ -59,6 +59,7 @@ async def test_a_chats_next_reply_starts_after_its_previous_one_is_stored(make_t
         first = asyncio.create_task(say(service, "first question here " + LONG, chat="g", user="ann"))
         await until(lambda: running(service, "g"))
         second = asyncio.create_task(say(service, "second question", chat="g", user="bob"))
+        await until(lambda: waiting(service, "g"))
         other = asyncio.create_task(say(service, "meanwhile elsewhere", chat="x", user="cy"))
         await until(lambda: running(service, "x"))
         assert running(service, "g") and waiting(service, "g")  # other chats run alongside; this one waits
@@ -74,6 +75,7 @@ async def test_one_user_gets_one_running_reply_even_when_the_engine_runs_several
         first = asyncio.create_task(say(service, LONG, chat="t0", user="ann"))
         await until(lambda: running(service, "t0"))
         second = asyncio.create_task(say(service, "other topic", chat="t1", user="ann"))
+        await until(lambda: waiting(service, "t1"))
         bob = asyncio.create_task(say(service, "bob here", chat="b", user="bob"))
         await until(lambda: running(service, "b"))
         assert waiting(service, "t1") and not running(service, "t1")

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from bot.config import ModelProfile, Settings
 from bot.core.messages import IncomingMessage, MessageStatus, ReplySink, ReplyStatus
 from bot.core.prompt import MessageTooLong, Turn, build_prompt
-from bot.core.queue import Event, GenerationQueue, Job, JobResult, QueueFull, UserBusy
+from bot.core.queue import Event, GenerationQueue, Job, JobResult, QueueClosed, QueueFull, UserBusy
 from bot.engines.base import ChatMessage, Engine, GenerationParams
 from bot.errors import BotError
 from bot.storage import migrate
@@ -36,6 +36,7 @@ FOLDED = "Added to your waiting message; I'll answer both together."
 TOO_LONG = "Your message is too long: {tokens} tokens, limit {limit}. Please shorten it."
 TOO_LONG_FOLDED = ("Your {count} waiting messages together are too long: {tokens} tokens, limit {limit}. "
                    "None of them was answered; please send a shorter one.")
+SHUTTING_DOWN = "I'm restarting right now, so I couldn't take your message. Please send it again in a minute."
 REQUEST_GONE = "Your message was removed before I could answer it."
 
 
@@ -219,9 +220,9 @@ class ChatService:
                   user_key=self._user_key(msg), on_progress=lambda partial: self._save_partial(record, partial))
         try:
             self.queue.submit(job)
-        except (QueueFull, UserBusy) as exc:
+        except (QueueFull, UserBusy, QueueClosed) as exc:
             await self.store.set_status(user_row, MessageStatus.REJECTED)
-            await sink.error(USER_BUSY if isinstance(exc, UserBusy) else BUSY)
+            await sink.error({UserBusy: USER_BUSY, QueueClosed: SHUTTING_DOWN}.get(type(exc), BUSY))
             return
         self._waiting_records[key] = record
         await self._relay(job, sink)
@@ -244,8 +245,10 @@ class ChatService:
         request = [Turn(r.role, r.content, r.author_name or r.user_id) for r in rows if r.id in mine]
         if not request:
             raise BotError(REQUEST_GONE)
+        # Not history: user messages sent after this request (a later reply answers them). The previous
+        # reply's row may be newer than this request's messages: it was created when that reply started.
         history = [Turn(r.role, r.content, r.author_name or r.user_id) for r in rows
-                   if r.id not in mine and r.id < max(mine)]
+                   if r.id not in mine and (r.role != "user" or r.id < max(mine))]
         speakers = {r.user_id for r in rows if r.role == "user"}
         name_speakers = record.is_group or len(speakers) > 1
         loop = asyncio.get_running_loop()
