@@ -157,7 +157,7 @@ class GenerationQueue:
         self._running: dict[Job, asyncio.Task[None]] = {}
         self._wake = asyncio.Event()
         self._worker: asyncio.Task[None] | None = None
-        self._switching: SwitchJob | None = None
+        self._switching: SwitchJob | None = None  # the switch the worker is doing (settled if it crashes)
         self._executor = ThreadPoolExecutor(max_workers=self._concurrency_limit + 1, thread_name_prefix="engine")
         self._closed = False
         self._close_done: asyncio.Future[None] | None = None
@@ -289,7 +289,7 @@ class GenerationQueue:
             except Exception:  # noqa: BLE001 - the queue must outlive any bug in one step
                 log.exception("the generation worker crashed; restarting it")
                 if self._switching is not None:
-                    _settle(self._switching.done, error=BotError("internal error while switching models"))
+                    _settle(self._switching.done, error=BotError("an internal error stopped the switch"))
                     self._switching = None
                 await asyncio.sleep(WORKER_RESTART_S)
 
@@ -305,7 +305,10 @@ class GenerationQueue:
                 continue
             self._waiting.remove(head)
             if isinstance(head, SwitchJob):
-                await self._switch(head)
+                if not head.done.cancelled():  # its caller gave up (its task was cancelled): skip it
+                    self._switching = head
+                    await self._switch(head)
+                    self._switching = None
                 self._announce_positions()
                 continue
             self._announce_positions()
@@ -339,23 +342,19 @@ class GenerationQueue:
         self._wake.set()
 
     async def _switch(self, job: SwitchJob) -> None:
+        """Unload, load the new model; if that fails, bring back the previous one, else any that loads."""
         if job.model == self.model and self.engine is not None:
             _settle(job.done, job.model)
             return
-        self._switching = job
-        try:
-            log.info("switching model %s -> %s", self.model or "(none)", job.model)
-            previous = self.model
-            await self._unload()
-            reason = await self._load(job.model)
-            if reason is None:
-                _settle(job.done, job.model)
-                return
-            restored = await self._load_any([previous, *self.fallback_models])
-            now = f"now using {restored}" if restored else "no model could be loaded; retrying"
-            _settle(job.done, error=BotError(f"{reason} ({now})"))
-        finally:
-            self._switching = None
+        log.info("switching model %s -> %s", self.model or "(none)", job.model)
+        previous = self.model
+        await self._unload()
+        reason = await self._load(job.model)
+        if reason is None:
+            _settle(job.done, job.model)
+            return
+        await self._load_any([previous, *self.fallback_models])
+        _settle(job.done, error=BotError(reason))  # `self.model` says what is loaded now ("" = none yet)
 
     async def _unload(self) -> None:
         engine, self.engine = self.engine, None
@@ -395,11 +394,15 @@ class GenerationQueue:
 
     async def _load_any(self, candidates: Sequence[str]) -> str | None:
         """The first candidate that loads (in order, each once), or None with no engine at all."""
+        failures: list[str] = []
         for name in dict.fromkeys(c for c in candidates if c):
-            if await self._load(name) is None:
+            reason = await self._load(name)
+            if reason is None:
                 log.warning("serving with %s", name)
                 return name
-        log.error("no model could be loaded (%s); retrying in %.0f s", self._load_error, self._retry_s)
+            failures.append(f"{name}: {reason}")
+        self._load_error = "no model loads; " + "; ".join(failures)
+        log.error("%s; retrying in %g s", self._load_error, self._retry_s)
         self._next_retry = time.monotonic() + self._retry_s
         return None
 
@@ -408,10 +411,13 @@ class GenerationQueue:
         for item in [j for j in self._waiting if isinstance(j, Job)]:
             self._waiting.remove(item)
             await self._finish_unstarted(item, ReplyStatus.FAILED, NO_MODEL.format(reason=self._load_error))
-        if self._waiting:  # only switches are left
+        if self._waiting:  # only switches are left: each is an attempt to load, made at once
             switch = self._waiting.pop(0)
             assert isinstance(switch, SwitchJob)
-            await self._switch(switch)
+            if not switch.done.cancelled():
+                self._switching = switch
+                await self._switch(switch)
+                self._switching = None
             return
         wait = self._next_retry - time.monotonic()
         if wait > 0:
@@ -434,7 +440,7 @@ class GenerationQueue:
         parts: list[str] = []
         job.started_at = time.monotonic()
         deadline = loop.time() + self.reply_timeout_s
-        timed_out_text = f"The reply took longer than {self.reply_timeout_s:.0f} s and was cut off."
+        timed_out_text = f"The reply took longer than {self.reply_timeout_s:g} s and was cut off."
         try:
             messages, params = await asyncio.wait_for(job.prepare(engine), self.reply_timeout_s)
         except TimeoutError:

@@ -37,6 +37,7 @@ TOO_LONG = "Your message is too long: {tokens} tokens, limit {limit}. Please sho
 TOO_LONG_FOLDED = ("Your {count} waiting messages together are too long: {tokens} tokens, limit {limit}. "
                    "None of them was answered; please send a shorter one.")
 SHUTTING_DOWN = "I'm restarting right now, so I couldn't take your message. Please send it again in a minute."
+NO_MODEL_NOW = "No model could be loaded at all right now; I keep retrying in the background."
 REQUEST_GONE = "Your message was removed before I could answer it."
 
 
@@ -176,14 +177,14 @@ class ChatService:
         if arg == self.current_model:
             await sink.notice(f"Already using {arg}.")
             return
-        previous = self.current_model
         try:
             now = await self.queue.switch_model(arg, user_key=self._user_key(msg))
         except UserBusy:
             await sink.error(USER_BUSY)
             return
         except BotError as exc:
-            await sink.error(f"Could not load {arg}: {exc}. Still using {self.current_model or previous}.")
+            state = f"Still using {self.current_model}." if self.current_model else NO_MODEL_NOW
+            await sink.error(f"Could not load {arg}: {exc}. {state}")
             return
         await sink.notice(f"Switched to {now}.")
 
