@@ -11,7 +11,8 @@ from tests.sinks import RecordingSink
 def msg(text: str, chat: str = "c1", user: str | None = None, **kw: object) -> IncomingMessage:
     """A message in `chat`; by default each chat is a different person (one user per chat)."""
     user = user or f"u-{chat}"
-    return IncomingMessage(platform="test", chat_id=chat, user_id=user, user_name=f"Ann {user}", text=text, **kw)  # type: ignore[arg-type]
+    name = kw.pop("user_name", None) or f"Ann {user}"
+    return IncomingMessage(platform="test", chat_id=chat, user_id=user, user_name=name, text=text, **kw)  # type: ignore[arg-type]
 
 
 async def say(service, text: str, chat: str = "c1", user: str | None = None, **kw: object) -> RecordingSink:
