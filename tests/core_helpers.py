@@ -12,7 +12,8 @@ def msg(text: str, chat: str = "c1", user: str | None = None, **kw: object) -> I
     """A message in `chat`; by default each chat is a different person (one user per chat)."""
     user = user or f"u-{chat}"
     name = kw.pop("user_name", None) or f"Ann {user}"
-    return IncomingMessage(platform="test", chat_id=chat, user_id=user, user_name=name, text=text, **kw)  # type: ignore[arg-type]
+    return IncomingMessage(platform="test", chat_id=chat, user_id=user, user_name=name, text=text,
+                           **kw)  # type: ignore[arg-type]
 
 
 async def say(service, text: str, chat: str = "c1", user: str | None = None, **kw: object) -> RecordingSink:

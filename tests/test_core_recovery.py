@@ -91,7 +91,8 @@ async def test_a_crashed_worker_is_logged_and_restarted(make_toy_service, monkey
             switch = await asyncio.wait_for(say(service, "/model toy-b"), WITHIN_S)
         assert "Could not load toy-b" in switch.errors[0]
         assert any("worker crashed" in r.getMessage() for r in caplog.records)
-        assert (await asyncio.wait_for(say(service, "still there?", chat="c2"), WITHIN_S)).status == ReplyStatus.COMPLETE
+        still = await asyncio.wait_for(say(service, "still there?", chat="c2"), WITHIN_S)
+        assert still.status == ReplyStatus.COMPLETE
         assert (await asyncio.wait_for(say(service, "/model toy-b"), WITHIN_S)).notices == ["Switched to toy-b."]
 
 

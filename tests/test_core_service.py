@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import asyncio
 
-from bot.core.messages import IncomingMessage, ReplyStatus
+from bot.core.messages import ReplyStatus
 from bot.core.service import BUSY, FOLDED, NOT_ALLOWED
 from tests.core_helpers import running, say, stored, until, waiting
-from tests.sinks import RecordingSink
 
 
 async def test_reply_streams_and_is_stored(make_toy_service):
