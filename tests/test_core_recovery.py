@@ -42,6 +42,23 @@ async def test_timeout_covers_building_the_prompt(make_toy_service):
             release.set()
 
 
+async def test_timeout_covers_a_slow_database_while_building_the_prompt(make_toy_service):
+    async with make_toy_service(reply_timeout_s=0.5) as service:
+        context = service.store.context
+        slow_chat = await service.store.chat_id("test", "slow")
+
+        async def slow_context(chat: int, *args, **kwargs):
+            if chat == slow_chat:
+                await asyncio.sleep(WITHIN_S + 5)  # a database that stopped answering
+            return await context(chat, *args, **kwargs)
+
+        service.store.context = slow_context
+        slow = await asyncio.wait_for(say(service, "hello", chat="slow"), WITHIN_S)
+        assert slow.errors == ["The reply took longer than 0.5 s and was cut off."]
+        nxt = await asyncio.wait_for(say(service, "hello", chat="fine"), WITHIN_S)
+        assert nxt.status == ReplyStatus.COMPLETE
+
+
 async def test_failed_switch_and_failed_reload_keep_the_queue_alive(make_toy_service, monkeypatch):
     monkeypatch.setattr(queue_module, "RELOAD_RETRY_S", 0.2)
     async with make_toy_service() as service:

@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 
 ETA_SMOOTHING = 0.3  # weight of the newest reply in the moving averages behind the ETA
 CLOSE_GRACE_S = 10.0  # how long shutdown lets a running reply finish before cancelling it
+STORE_TIMEOUT_S = 60.0  # longest a reply's slot waits for the database to store it
 PARTIAL_SAVE_S = 3.0  # a streaming reply's text so far is stored this often (what `kill -9` can lose)
 WORKER_RESTART_S = 1.0  # pause before restarting a crashed worker (a crash loop must not spin)
 RELOAD_RETRY_S = 30.0  # first wait before trying again to load a model when none loads
@@ -485,9 +486,13 @@ class GenerationQueue:
         await self._finish(job, JobResult(text, status, error, stats, model))
 
     async def _stream(self, job: Job, future: asyncio.Future[None], parts: list[str], deadline: float) -> bool:
-        """Wait for the stream to end, storing its text so far now and then; True if it ran out of time."""
+        """Wait for the stream to end, storing its text so far now and then; True if it ran out of time.
+
+        A save runs beside the stream: a slow database skips intervals instead of holding the reply.
+        """
         loop = asyncio.get_running_loop()
         saved = 0
+        saving: asyncio.Task[None] | None = None
         while True:
             left = deadline - loop.time()
             if left <= 0:
@@ -497,17 +502,29 @@ class GenerationQueue:
             done, _ = await asyncio.wait({future}, timeout=min(left, self.partial_save_s))
             if done:
                 return False
-            if job.on_progress is not None and len(parts) != saved:
+            if job.on_progress is not None and len(parts) != saved and (saving is None or saving.done()):
                 saved = len(parts)
-                try:
-                    await job.on_progress("".join(parts[:saved]))
-                except Exception:  # noqa: BLE001 - a slow or failing save must not stop the reply
-                    log.warning("saving the partial reply of chat %s failed", job.chat_key, exc_info=True)
+                saving = asyncio.create_task(self._save_progress(job, "".join(parts[:saved])))
+
+    @staticmethod
+    async def _save_progress(job: Job, text: str) -> None:
+        assert job.on_progress is not None
+        try:
+            await job.on_progress(text)
+        except Exception:  # noqa: BLE001 - a failing save must not stop the reply
+            log.warning("saving the partial reply of chat %s failed", job.chat_key, exc_info=True)
 
     async def _finish(self, job: Job, result: JobResult) -> None:
-        """Store the result, then tell the waiting relay; a storage failure is logged, never raised."""
+        """Store the result, then tell the waiting relay; a storage failure is logged, never raised.
+
+        A database that hangs holds this reply's slot for STORE_TIMEOUT_S at most; the store goes
+        on in the background.
+        """
         try:
-            await job.on_finish(result)
+            await asyncio.wait_for(asyncio.shield(job.on_finish(result)), STORE_TIMEOUT_S)
+        except TimeoutError:
+            log.error("storing the reply of chat %s takes over %g s; serving others meanwhile",
+                      job.chat_key, STORE_TIMEOUT_S)
         except Exception:  # noqa: BLE001
             log.exception("storing the reply of chat %s failed", job.chat_key)
         finally:
