@@ -40,7 +40,8 @@ WORKER_RESTART_S = 1.0  # pause before restarting a crashed worker (a crash loop
 RELOAD_RETRY_S = 30.0  # first wait before trying again to load a model when none loads
 RELOAD_RETRY_MAX_S = 600.0  # the wait doubles up to this
 
-NO_MODEL = ("No model is loaded right now ({reason}). The bot keeps trying to load one; "
+# Told to anyone waiting; why loading failed (paths, memory) is for the owner's log, not for strangers.
+NO_MODEL = ("No model could be loaded right now, so I can't answer. I keep trying to load one; "
             "please try again in a few minutes.")
 SHUTTING_DOWN = "The bot is shutting down."
 
@@ -162,7 +163,6 @@ class GenerationQueue:
         self._executor = ThreadPoolExecutor(max_workers=self._concurrency_limit + 1, thread_name_prefix="engine")
         self._closed = False
         self._close_done: asyncio.Future[None] | None = None
-        self._load_error = ""
         self._retry_s = RELOAD_RETRY_S
         self._next_retry = 0.0
         self._tok_per_s: float | None = None
@@ -380,7 +380,6 @@ class GenerationQueue:
             forget_traceback(exc)
         if reason is None:
             self.engine, self.model = engine, name
-            self._load_error = ""
             return None
         if engine is not None:
             try:
@@ -389,7 +388,6 @@ class GenerationQueue:
                 log.debug("unloading a failed load of %s failed", name, exc_info=True)
         engine = None
         self.model = ""
-        self._load_error = f"loading {name} failed: {reason}"
         release_memory()
         return reason
 
@@ -402,8 +400,7 @@ class GenerationQueue:
                 log.warning("serving with %s", name)
                 return name
             failures.append(f"{name}: {reason}")
-        self._load_error = "no model loads; " + "; ".join(failures)
-        log.error("%s; retrying in %g s", self._load_error, self._retry_s)
+        log.error("no model loads (%s); retrying in %g s", "; ".join(failures), self._retry_s)
         self._next_retry = time.monotonic() + self._retry_s
         return None
 
@@ -411,7 +408,7 @@ class GenerationQueue:
         """No engine: tell whoever waits, try a requested switch at once, else retry on a back-off."""
         for item in [j for j in self._waiting if isinstance(j, Job)]:
             self._waiting.remove(item)
-            await self._finish_unstarted(item, ReplyStatus.FAILED, NO_MODEL.format(reason=self._load_error))
+            await self._finish_unstarted(item, ReplyStatus.FAILED, NO_MODEL)
         if self._waiting:  # only switches are left: each is an attempt to load, made at once
             switch = self._waiting.pop(0)
             assert isinstance(switch, SwitchJob)
