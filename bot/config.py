@@ -86,7 +86,10 @@ class Settings(BaseSettings):
     database_url: str = "sqlite+aiosqlite:///data/quantbot.db"
     system_prompt: str = "You are a helpful, concise assistant."
     queue_max: int = 32  # waiting requests across all chats; more get "busy, try again"
-    reply_timeout_s: float = 300.0
+    reply_timeout_s: float = 300.0  # the whole reply: building the prompt and generating
+    user_max_waiting: int = 1  # waiting requests (replies, model switches) per user across all their chats
+    user_max_running: int = 1  # replies generating at once per user (matters when the engine runs several)
+    partial_save_s: float = 3.0  # a streaming reply's text so far is stored this often (survives kill -9)
     log_level: str = "WARNING"
     log_json: bool = False
 

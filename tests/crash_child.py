@@ -13,13 +13,13 @@ from tests.sinks import RecordingSink
 
 
 async def main(tmp: Path) -> None:
-    service = ChatService(toy_settings(tmp), engine_factory=ToyEngines(delay_s=0.05))
+    service = ChatService(toy_settings(tmp, partial_save_s=0.1), engine_factory=ToyEngines(delay_s=0.05))
     await service.start()
 
     class Sink(RecordingSink):
         async def update(self, text: str) -> None:
             await super().update(text)
-            if len(self.updates) == 3:
+            if len(self.updates) == 12:  # ~0.6 s in: several partial saves have happened
                 print("READY", flush=True)
 
     words = " ".join(f"w{i}" for i in range(500))

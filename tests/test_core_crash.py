@@ -37,6 +37,7 @@ async def test_killed_mid_reply_then_restart(tmp_path, make_toy_service):
         stored = await service.store.messages(chat)
         assert stored[0].content.startswith("w0 w1 w2") and stored[0].status == "complete"
         assert stored[1].status == "incomplete"
+        assert stored[1].content.startswith("You said: w0 w1")  # the text so far survived kill -9
         sink = RecordingSink()
         await service.handle(IncomingMessage("test", "c1", "u1", "Ann", "still there?"), sink)
         assert sink.status == ReplyStatus.COMPLETE

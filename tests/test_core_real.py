@@ -41,7 +41,7 @@ def real_settings(tmp_path: Path, models: Path, **kw: Any) -> Settings:
 
 async def say(service: ChatService, text: str, chat: str = "c1") -> RecordingSink:
     sink = RecordingSink()
-    await service.handle(IncomingMessage("test", chat, "u1", "Ann", text), sink)
+    await service.handle(IncomingMessage("test", chat, f"u-{chat}", "Ann", text), sink)
     return sink
 
 

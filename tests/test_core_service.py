@@ -4,40 +4,9 @@ from __future__ import annotations
 
 import asyncio
 
-from bot.core.messages import IncomingMessage, ReplyStatus
+from bot.core.messages import ReplyStatus
 from bot.core.service import BUSY, FOLDED, NOT_ALLOWED
-from tests.sinks import RecordingSink
-
-
-def msg(text: str, chat: str = "c1", **kw: object) -> IncomingMessage:
-    return IncomingMessage(platform="test", chat_id=chat, user_id="u1", user_name="Ann", text=text, **kw)  # type: ignore[arg-type]
-
-
-async def say(service, text: str, chat: str = "c1", **kw: object) -> RecordingSink:
-    sink = RecordingSink()
-    await service.handle(msg(text, chat, **kw), sink)
-    return sink
-
-
-async def until(cond, timeout: float = 20.0) -> None:
-    """Wait for a queue state instead of sleeping a guessed time (the machine may be busy)."""
-    loop = asyncio.get_running_loop()
-    end = loop.time() + timeout
-    while not cond():
-        assert loop.time() < end, "condition not reached"
-        await asyncio.sleep(0.002)
-
-
-def running(service, chat: str) -> bool:
-    return service.queue.is_running(f"test:{chat}")
-
-
-def waiting(service, chat: str) -> bool:
-    return service.queue.has_waiting(f"test:{chat}")
-
-
-async def stored(service, chat: str = "c1"):
-    return await service.store.messages(await service.store.chat_id("test", chat))
+from tests.core_helpers import running, say, stored, until, waiting
 
 
 async def test_reply_streams_and_is_stored(make_toy_service):

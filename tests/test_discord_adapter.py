@@ -172,11 +172,12 @@ async def test_chat_defers_then_edits_the_original_with_growing_text(discord_wor
 async def test_chat_keeps_history_per_channel_over_several_turns(discord_world) -> None:
     async with discord_world() as w:
         assert (await w.chat("one")).content == "You said: one (turn 1)"
-        assert (await w.chat("two", user=w.bob)).content == "You said: two (turn 2)"
+        # a second person in the channel: from now on each user turn names its speaker
+        assert (await w.chat("two", user=w.bob)).content == "You said: Bob: two (turn 2)"
         assert (await w.chat("elsewhere", channel=w.other_channel)).content == "You said: elsewhere (turn 1)"
-        assert (await w.chat("three")).content == "You said: three (turn 3)"
+        assert (await w.chat("three")).content == "You said: Alice: three (turn 3)"
         prompts = w.service.toy_engines.engines["toy-a"].prompts
-        assert [m.content for m in prompts[-1] if m.role == "user"] == ["one", "two", "three"]
+        assert [m.content for m in prompts[-1] if m.role == "user"] == ["Alice: one", "Bob: two", "Alice: three"]
 
 
 async def test_reset_answers_ephemerally_and_forgets_the_channel(discord_world) -> None:

@@ -175,7 +175,8 @@ async def service_for(settings: Settings) -> AsyncIterator[tuple[ChatService, En
 
 
 def msg(text: str, chat: str = "c1") -> IncomingMessage:
-    return IncomingMessage(platform="test", chat_id=chat, user_id="u1", user_name="Ann", text=text)
+    """One person per chat (a user may have only one reply running and one waiting across chats)."""
+    return IncomingMessage(platform="test", chat_id=chat, user_id=f"u-{chat}", user_name="Ann", text=text)
 
 
 async def say(service: ChatService, text: str, chat: str = "c1") -> RecordingSink:

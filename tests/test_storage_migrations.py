@@ -24,9 +24,10 @@ def test_upgrade_from_empty(tmp_path):
     migrate.upgrade(f"sqlite+aiosqlite:///{db}")
     t = tables(db)
     assert set(t) == {"alembic_version", "chats", "messages"}
-    assert {"chat_id", "role", "content", "status", "model", "token_count", "user_id"} <= set(t["messages"])
+    assert {"chat_id", "role", "content", "status", "model", "token_count", "user_id",
+            "author_name"} <= set(t["messages"])
     with sqlite3.connect(db) as conn:
-        assert conn.execute("SELECT version_num FROM alembic_version").fetchone()[0] == "0004"
+        assert conn.execute("SELECT version_num FROM alembic_version").fetchone()[0] == "0005"
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
 
 

@@ -7,11 +7,25 @@ from enum import StrEnum
 from typing import Protocol
 
 
-class ReplyStatus(StrEnum):
-    COMPLETE = "complete"
-    CANCELLED = "cancelled"  # /stop, shutdown
-    FAILED = "failed"  # engine error, time limit
-    INCOMPLETE = "incomplete"  # process died mid-reply (found at start-up)
+class MessageStatus(StrEnum):
+    """The one status of every stored message; it alone decides what enters a prompt."""
+
+    COMPLETE = "complete"  # user: accepted; reply: finished normally
+    CANCELLED = "cancelled"  # reply: /stop, shutdown
+    FAILED = "failed"  # reply: engine error, time limit
+    INCOMPLETE = "incomplete"  # reply: process died mid-reply (found at start-up)
+    PENDING = "pending"  # reply: being written now
+    REJECTED = "rejected"  # user: refused (too long, busy); kept, never answered or used as context
+
+    def in_prompt(self) -> bool:
+        """Whether a message with this status is context for later replies (same rule for both roles)."""
+        return self is MessageStatus.COMPLETE
+
+
+PROMPT_STATUSES = frozenset(s for s in MessageStatus if s.in_prompt())
+
+# What a reply ended as (complete, cancelled, failed): the same enum, named for the sink's side.
+ReplyStatus = MessageStatus
 
 
 @dataclass(frozen=True)
@@ -25,6 +39,7 @@ class IncomingMessage:
     text: str
     is_allowed: bool = True
     is_admin: bool = True  # adapters set False when admins are configured and this user is not one
+    is_group: bool = False  # shared chat (group, guild channel): prompts name each user turn's speaker
 
 
 class ReplySink(Protocol):

@@ -1,7 +1,15 @@
-"""The generation queue: one worker owns the engine (one GPU); fair FIFO across chats.
+"""The generation queue: one worker owns the engine (one GPU); fair FIFO across chats and users.
 
 Generation runs in an executor thread and text deltas come back to the event loop as they are
-made, so the loop never blocks. A model switch is a barrier in the same queue.
+made, so the loop never blocks. A model switch is a barrier in the same queue. Rules:
+
+- a chat has at most one reply running: its next one starts after the previous one is stored,
+  however many replies the engine runs at once;
+- a user has at most `user_max_running` replies running and `user_max_waiting` requests waiting
+  (replies and model switches) across all their chats, so one person cannot fill the queue;
+- the reply time limit covers building the prompt as well as generating;
+- the worker survives anything: a crash is logged and the worker restarted, and when no model
+  loads it keeps retrying (the previous model, the fallbacks, in order) and tells whoever waits.
 """
 
 from __future__ import annotations
@@ -12,7 +20,8 @@ import gc
 import logging
 import sys
 import time
-from collections.abc import Awaitable, Callable
+import traceback
+from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Literal
@@ -25,10 +34,24 @@ log = logging.getLogger(__name__)
 
 ETA_SMOOTHING = 0.3  # weight of the newest reply in the moving averages behind the ETA
 CLOSE_GRACE_S = 10.0  # how long shutdown lets a running reply finish before cancelling it
+STORE_TIMEOUT_S = 60.0  # longest a reply's slot waits for the database to store it
+PARTIAL_SAVE_S = 3.0  # a streaming reply's text so far is stored this often (what `kill -9` can lose)
+WORKER_RESTART_S = 1.0  # pause before restarting a crashed worker (a crash loop must not spin)
+RELOAD_RETRY_S = 30.0  # first wait before trying again to load a model when none loads
+RELOAD_RETRY_MAX_S = 600.0  # the wait doubles up to this
+
+# Told to anyone waiting; why loading failed (paths, memory) is for the owner's log, not for strangers.
+NO_MODEL = ("No model could be loaded right now, so I can't answer. I keep trying to load one; "
+            "please try again in a few minutes.")
+SHUTTING_DOWN = "The bot is shutting down."
 
 
 class QueueFull(BotError):
     pass
+
+
+class UserBusy(BotError):
+    """This user already has as many requests waiting as they may (in any of their chats)."""
 
 
 class QueueClosed(BotError):
@@ -56,6 +79,7 @@ class JobResult:
 
 Prepare = Callable[[Engine], Awaitable[tuple[list[ChatMessage], GenerationParams]]]
 Finish = Callable[[JobResult], Awaitable[None]]
+Progress = Callable[[str], Awaitable[None]]
 
 
 @dataclass(eq=False)
@@ -63,6 +87,8 @@ class Job:
     chat_key: str
     prepare: Prepare  # builds the prompt at start time (so it sees the previous reply of the chat)
     on_finish: Finish  # stores the result; awaited before the `done` event
+    user_key: str = ""  # who asked (fairness across all their chats); "" = nobody in particular
+    on_progress: Progress | None = None  # stores the text so far, every `partial_save_s` while streaming
     events: asyncio.Queue[Event] = field(default_factory=asyncio.Queue)
     cancel: CancelToken = field(default_factory=CancelToken)
     position: int = 0
@@ -73,6 +99,7 @@ class Job:
 class SwitchJob:
     model: str
     done: asyncio.Future[str]
+    user_key: str = ""
 
 
 def release_memory() -> None:
@@ -87,22 +114,57 @@ def release_memory() -> None:
         pass
 
 
+def forget_traceback(exc: BaseException) -> None:
+    """Drop the frames a failed load left behind: their locals (half-loaded weights) must not live on."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if current.__traceback__ is not None:
+            traceback.clear_frames(current.__traceback__)
+            current.__traceback__ = None
+        current = current.__cause__ or current.__context__
+
+
+def _settle(future: asyncio.Future[str], result: str | None = None, error: BaseException | None = None) -> None:
+    """Resolve a switch request unless its caller has gone away (cancelled) meanwhile."""
+    if future.done():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result or "")
+
+
+def _describe(exc: BaseException) -> str:
+    return str(exc) if isinstance(exc, BotError) else f"{type(exc).__name__}: {exc}"
+
+
 class GenerationQueue:
     def __init__(self, engine_factory: Callable[[str], Engine], max_waiting: int = 32,
-                 reply_timeout_s: float = 300.0, concurrency: int = 1) -> None:
+                 reply_timeout_s: float = 300.0, concurrency: int = 1, user_max_waiting: int = 1,
+                 user_max_running: int = 1, fallback_models: Sequence[str] = (),
+                 partial_save_s: float = PARTIAL_SAVE_S) -> None:
         self._factory = engine_factory
         self.max_waiting = max_waiting
         self.reply_timeout_s = reply_timeout_s
+        self.user_max_waiting = max(1, user_max_waiting)
+        self.user_max_running = max(1, user_max_running)
+        self.fallback_models = list(fallback_models)
+        self.partial_save_s = partial_save_s
         self._concurrency_limit = max(1, concurrency)
         self.engine: Engine | None = None
         self.model: str = ""
         self._waiting: list[Job | SwitchJob] = []
         self._running: dict[Job, asyncio.Task[None]] = {}
         self._wake = asyncio.Event()
-        self._slot_freed = asyncio.Event()
         self._worker: asyncio.Task[None] | None = None
-        self._executor = ThreadPoolExecutor(max_workers=self._concurrency_limit, thread_name_prefix="engine")
+        self._switching: SwitchJob | None = None  # the switch the worker is doing (settled if it crashes)
+        self._executor = ThreadPoolExecutor(max_workers=self._concurrency_limit + 1, thread_name_prefix="engine")
         self._closed = False
+        self._close_done: asyncio.Future[None] | None = None
+        self._retry_s = RELOAD_RETRY_S
+        self._next_retry = 0.0
         self._tok_per_s: float | None = None
         self._tokens_per_reply: float | None = None
 
@@ -111,31 +173,48 @@ class GenerationQueue:
         engine = self._factory(model)
         await self._blocking(engine.load)
         self.engine, self.model = engine, model
-        self._worker = asyncio.create_task(self._work(), name="generation-worker")
+        self._worker = asyncio.create_task(self._supervise(), name="generation-worker")
 
     async def close(self, grace_s: float = CLOSE_GRACE_S) -> None:
-        """Refuse new work, cancel what waits, let running replies finish (or cancel after grace)."""
+        """Refuse new work, cancel what waits, let running replies finish (or cancel after grace).
+
+        Never raises: a shutdown must end cleanly whatever is waiting, loading or streaming, and
+        running replies are stored with their text so far. Safe to call twice.
+        """
+        if self._close_done is not None:
+            await asyncio.shield(self._close_done)
+            return
+        self._close_done = asyncio.get_running_loop().create_future()
         self._closed = True
-        for job in list(self._waiting):
-            self._waiting.remove(job)
-            if isinstance(job, Job):
-                await self._finish_unstarted(job, ReplyStatus.CANCELLED, "The bot is shutting down.")
-            else:
-                job.done.set_exception(QueueClosed("the bot is shutting down"))
-        if self._running:
-            done, pending = await asyncio.wait(list(self._running.values()), timeout=grace_s)
-            for job in list(self._running):
-                job.cancel.cancel()
-            if pending:
-                await asyncio.wait(pending)
-        if self._worker:
-            self._worker.cancel()
-            await asyncio.gather(self._worker, return_exceptions=True)
-        if self.engine is not None:
-            await self._blocking(self.engine.unload)
-            self.engine = None
-            release_memory()
-        self._executor.shutdown(wait=True)
+        self._wake.set()
+        try:
+            for item in list(self._waiting):
+                self._waiting.remove(item)
+                if isinstance(item, Job):
+                    await self._finish_unstarted(item, ReplyStatus.CANCELLED, SHUTTING_DOWN)
+                else:
+                    _settle(item.done, error=QueueClosed("the bot is shutting down"))
+            if self._running:
+                await asyncio.wait(list(self._running.values()), timeout=grace_s)
+                for job in list(self._running):
+                    job.cancel.cancel()
+                if self._running:
+                    await asyncio.wait(list(self._running.values()))
+            if self._worker is not None:
+                await asyncio.wait({self._worker}, timeout=grace_s)  # a switch in progress may finish
+                self._worker.cancel()
+                await asyncio.gather(self._worker, return_exceptions=True)
+            if self._switching is not None:
+                _settle(self._switching.done, error=QueueClosed("the bot is shutting down"))
+            if self.engine is not None:
+                engine, self.engine = self.engine, None
+                await self._blocking(engine.unload)
+                release_memory()
+        except Exception:  # noqa: BLE001 - shutdown goes on; the cause is in the log
+            log.exception("error while closing the generation queue")
+        finally:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+            self._close_done.set_result(None)
 
     # --- requests ----------------------------------------------------------------------------
     @property
@@ -152,15 +231,23 @@ class GenerationQueue:
     def waiting_count(self) -> int:
         return sum(1 for j in self._waiting if isinstance(j, Job))
 
-    def submit(self, job: Job) -> None:
-        """Enqueue; raises QueueFull past the bound. Events arrive on `job.events`."""
+    def user_waiting(self, user_key: str) -> int:
+        """Requests (replies and model switches) this user has waiting, in all their chats."""
+        return sum(1 for j in self._waiting if user_key and j.user_key == user_key)
+
+    def _admit(self, user_key: str) -> None:
         if self._closed:
             raise QueueClosed("the bot is shutting down")
+        if self.user_waiting(user_key) >= self.user_max_waiting:
+            raise UserBusy("you already have a request waiting")
+
+    def submit(self, job: Job) -> None:
+        """Enqueue; raises UserBusy past the user's bound, QueueFull past the global one."""
+        self._admit(job.user_key)
         if self.waiting_count() >= self.max_waiting:
             raise QueueFull("busy")
         self._waiting.append(job)
-        starts_now = len(self._waiting) == 1 and len(self._running) < self.concurrency
-        if not starts_now:
+        if self._startable() is not job:
             self._announce_positions()
         self._wake.set()
 
@@ -171,6 +258,7 @@ class GenerationQueue:
                 self._waiting.remove(job)
                 self._announce_positions()
                 await self._finish_unstarted(job, ReplyStatus.CANCELLED, None)
+                self._wake.set()
                 return "queued"
         for job in self._running:
             if job.chat_key == chat_key:
@@ -178,71 +266,169 @@ class GenerationQueue:
                 return "running"
         return None
 
-    async def switch_model(self, model: str) -> str:
-        """Queue a switch barrier; returns the model now loaded, raises BotError if `model` failed."""
-        if self._closed:
-            raise QueueClosed("the bot is shutting down")
-        job = SwitchJob(model, asyncio.get_running_loop().create_future())
+    async def switch_model(self, model: str, user_key: str = "") -> str:
+        """Queue a switch barrier; returns the model now loaded, raises BotError if `model` failed.
+
+        A waiting switch counts against the user's waiting bound like a waiting reply.
+        """
+        self._admit(user_key)
+        job = SwitchJob(model, asyncio.get_running_loop().create_future(), user_key)
         self._waiting.append(job)
         self._announce_positions()
         self._wake.set()
         return await job.done
 
     # --- worker ------------------------------------------------------------------------------
+    async def _supervise(self) -> None:
+        """Run the worker; if it ever crashes, log it, fail the switch it was doing, and restart it."""
+        while not self._closed:
+            try:
+                await self._work()
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # noqa: BLE001 - the queue must outlive any bug in one step
+                log.exception("the generation worker crashed; restarting it")
+                if self._switching is not None:
+                    _settle(self._switching.done, error=BotError("an internal error stopped the switch"))
+                    self._switching = None
+                await asyncio.sleep(WORKER_RESTART_S)
+
     async def _work(self) -> None:
-        while True:
-            if not self._waiting:
+        while not self._closed:
+            if self.engine is None:
+                await self._without_model()
+                continue
+            head = self._startable()
+            if head is None:
                 self._wake.clear()
                 await self._wake.wait()
                 continue
-            head = self._waiting[0]
+            self._waiting.remove(head)
             if isinstance(head, SwitchJob):
-                if self._running:
-                    await asyncio.wait(list(self._running.values()))
-                    continue
-                self._waiting.pop(0)
-                await self._switch(head)
+                if not head.done.cancelled():  # its caller gave up (its task was cancelled): skip it
+                    self._switching = head
+                    await self._switch(head)
+                    self._switching = None
                 self._announce_positions()
                 continue
-            if len(self._running) >= self.concurrency:
-                self._slot_freed.clear()
-                await self._slot_freed.wait()
-                continue
-            self._waiting.pop(0)
             self._announce_positions()
             task = asyncio.create_task(self._run(head), name=f"reply-{head.chat_key}")
             self._running[head] = task
             task.add_done_callback(lambda _t, j=head: self._release(j))
 
+    def _startable(self) -> Job | SwitchJob | None:
+        """The oldest request that may start now, or None.
+
+        A switch waits for everything ahead of it and for running replies (it is a barrier); a
+        reply waits while its chat has a reply running (so its prompt includes that reply) or
+        its user has as many running as they may; others behind it may go first meanwhile.
+        """
+        if self._closed:
+            return None
+        for item in self._waiting:
+            if isinstance(item, SwitchJob):
+                return item if item is self._waiting[0] and not self._running else None
+            if len(self._running) >= self.concurrency:
+                return None
+            if self.is_running(item.chat_key):
+                continue
+            if item.user_key and sum(j.user_key == item.user_key for j in self._running) >= self.user_max_running:
+                continue
+            return item
+        return None
+
     def _release(self, job: Job) -> None:
         self._running.pop(job, None)
-        self._slot_freed.set()
         self._wake.set()
 
     async def _switch(self, job: SwitchJob) -> None:
-        old_name, old = self.model, self.engine
-        if job.model == old_name:
-            job.done.set_result(old_name)
+        """Unload, load the new model; if that fails, bring back the previous one, else any that loads."""
+        if job.model == self.model and self.engine is not None:
+            _settle(job.done, job.model)
             return
-        log.info("switching model %s -> %s", old_name, job.model)
-        if old is not None:
-            await self._blocking(old.unload)
-        self.engine = None
+        log.info("switching model %s -> %s", self.model or "(none)", job.model)
+        previous = self.model
+        await self._unload()
+        reason = await self._load(job.model)
+        if reason is None:
+            _settle(job.done, job.model)
+            return
+        await self._load_any([previous, *self.fallback_models])
+        _settle(job.done, error=BotError(reason))  # `self.model` says what is loaded now ("" = none yet)
+
+    async def _unload(self) -> None:
+        engine, self.engine = self.engine, None
+        if engine is not None:
+            try:
+                await self._blocking(engine.unload)
+            except Exception:  # noqa: BLE001 - whatever unload left, it is dropped below
+                log.warning("unloading %s failed", self.model, exc_info=True)
+        del engine
         release_memory()
+
+    async def _load(self, name: str) -> str | None:
+        """Load `name` as the engine; None on success, else why not. A failed load leaves nothing alive."""
+        engine: Engine | None = None
+        reason: str | None = None
         try:
-            new = self._factory(job.model)
-            await self._blocking(new.load)
-        except Exception as exc:  # noqa: BLE001 - any load failure brings the old model back
-            log.warning("loading %s failed: %s", job.model, exc)
-            release_memory()
-            if old is not None:
-                await self._blocking(old.load)
-                self.engine = old
-            reason = str(exc) if isinstance(exc, BotError) else f"{type(exc).__name__}: {exc}"
-            job.done.set_exception(BotError(reason))
+            engine = self._factory(name)
+            await self._blocking(engine.load)
+        except Exception as exc:  # noqa: BLE001 - any load failure: report it, bring a model back
+            reason = _describe(exc)
+            log.warning("loading %s failed: %s", name, reason)
+            forget_traceback(exc)
+        if reason is None:
+            self.engine, self.model = engine, name
+            return None
+        if engine is not None:
+            try:
+                await self._blocking(engine.unload)  # whatever the half-done load holds
+            except Exception:  # noqa: BLE001
+                log.debug("unloading a failed load of %s failed", name, exc_info=True)
+        engine = None
+        self.model = ""
+        release_memory()
+        return reason
+
+    async def _load_any(self, candidates: Sequence[str]) -> str | None:
+        """The first candidate that loads (in order, each once), or None with no engine at all."""
+        failures: list[str] = []
+        for name in dict.fromkeys(c for c in candidates if c):
+            reason = await self._load(name)
+            if reason is None:
+                log.warning("serving with %s", name)
+                return name
+            failures.append(f"{name}: {reason}")
+        log.error("no model loads (%s); retrying in %g s", "; ".join(failures), self._retry_s)
+        self._next_retry = time.monotonic() + self._retry_s
+        return None
+
+    async def _without_model(self) -> None:
+        """No engine: tell whoever waits, try a requested switch at once, else retry on a back-off."""
+        for item in [j for j in self._waiting if isinstance(j, Job)]:
+            self._waiting.remove(item)
+            await self._finish_unstarted(item, ReplyStatus.FAILED, NO_MODEL)
+        if self._waiting:  # only switches are left: each is an attempt to load, made at once
+            switch = self._waiting.pop(0)
+            assert isinstance(switch, SwitchJob)
+            if not switch.done.cancelled():
+                self._switching = switch
+                await self._switch(switch)
+                self._switching = None
             return
-        self.engine, self.model = new, job.model
-        job.done.set_result(job.model)
+        wait = self._next_retry - time.monotonic()
+        if wait > 0:
+            self._wake.clear()
+            try:
+                await asyncio.wait_for(self._wake.wait(), wait)
+            except TimeoutError:
+                pass
+            return
+        if await self._load_any(self.fallback_models) is None:
+            self._retry_s = min(self._retry_s * 2, RELOAD_RETRY_MAX_S)
+        else:
+            self._retry_s = RELOAD_RETRY_S
 
     async def _run(self, job: Job) -> None:
         engine, model = self.engine, self.model
@@ -251,8 +437,14 @@ class GenerationQueue:
         stats = StreamStats()
         parts: list[str] = []
         job.started_at = time.monotonic()
+        deadline = loop.time() + self.reply_timeout_s
+        timed_out_text = f"The reply took longer than {self.reply_timeout_s:g} s and was cut off."
         try:
-            messages, params = await job.prepare(engine)
+            messages, params = await asyncio.wait_for(job.prepare(engine), self.reply_timeout_s)
+        except TimeoutError:
+            log.warning("building the prompt for chat %s took over %.0f s", job.chat_key, self.reply_timeout_s)
+            await self._finish_unstarted(job, ReplyStatus.FAILED, timed_out_text)
+            return
         except BotError as exc:
             await self._finish_unstarted(job, ReplyStatus.FAILED, str(exc))
             return
@@ -269,12 +461,7 @@ class GenerationQueue:
 
         future = loop.run_in_executor(self._executor, produce)
         error: str | None = None
-        timed_out = False
-        done, _ = await asyncio.wait({future}, timeout=self.reply_timeout_s)
-        if not done:
-            timed_out = True
-            job.cancel.cancel()
-            await asyncio.wait({future})
+        timed_out = await self._stream(job, future, parts, deadline)
         try:
             future.result()
         except Exception as exc:  # noqa: BLE001 - one reply fails, the worker keeps serving
@@ -285,24 +472,63 @@ class GenerationQueue:
         if error:
             status = ReplyStatus.FAILED
         elif timed_out:
-            status, error = ReplyStatus.FAILED, f"The reply took longer than {self.reply_timeout_s:.0f} s and was cut off."
+            status, error = ReplyStatus.FAILED, timed_out_text
         elif job.cancel.cancelled:
             status = ReplyStatus.CANCELLED
+            if self._closed:
+                error = SHUTTING_DOWN
         else:
             status = ReplyStatus.COMPLETE
         self._measure(stats, time.monotonic() - job.started_at)
-        result = JobResult(text, status, error, stats, model)
+        await self._finish(job, JobResult(text, status, error, stats, model))
+
+    async def _stream(self, job: Job, future: asyncio.Future[None], parts: list[str], deadline: float) -> bool:
+        """Wait for the stream to end, storing its text so far now and then; True if it ran out of time.
+
+        A save runs beside the stream: a slow database skips intervals instead of holding the reply.
+        """
+        loop = asyncio.get_running_loop()
+        saved = 0
+        saving: asyncio.Task[None] | None = None
+        while True:
+            left = deadline - loop.time()
+            if left <= 0:
+                job.cancel.cancel()
+                await asyncio.wait({future})
+                return True
+            done, _ = await asyncio.wait({future}, timeout=min(left, self.partial_save_s))
+            if done:
+                return False
+            if job.on_progress is not None and len(parts) != saved and (saving is None or saving.done()):
+                saved = len(parts)
+                saving = asyncio.create_task(self._save_progress(job, "".join(parts[:saved])))
+
+    @staticmethod
+    async def _save_progress(job: Job, text: str) -> None:
+        assert job.on_progress is not None
         try:
-            await job.on_finish(result)
+            await job.on_progress(text)
+        except Exception:  # noqa: BLE001 - a failing save must not stop the reply
+            log.warning("saving the partial reply of chat %s failed", job.chat_key, exc_info=True)
+
+    async def _finish(self, job: Job, result: JobResult) -> None:
+        """Store the result, then tell the waiting relay; a storage failure is logged, never raised.
+
+        A database that hangs holds this reply's slot for STORE_TIMEOUT_S at most; the store goes
+        on in the background.
+        """
+        try:
+            await asyncio.wait_for(asyncio.shield(job.on_finish(result)), STORE_TIMEOUT_S)
+        except TimeoutError:
+            log.error("storing the reply of chat %s takes over %g s; serving others meanwhile",
+                      job.chat_key, STORE_TIMEOUT_S)
+        except Exception:  # noqa: BLE001
+            log.exception("storing the reply of chat %s failed", job.chat_key)
         finally:
-            job.events.put_nowait(Event("done", text=text, status=status, error=error))
+            job.events.put_nowait(Event("done", text=result.text, status=result.status, error=result.error))
 
     async def _finish_unstarted(self, job: Job, status: ReplyStatus, error: str | None) -> None:
-        result = JobResult("", status, error, StreamStats(finish_reason=status.value), self.model)
-        try:
-            await job.on_finish(result)
-        finally:
-            job.events.put_nowait(Event("done", text="", status=status, error=error))
+        await self._finish(job, JobResult("", status, error, StreamStats(finish_reason=status.value), self.model))
 
     # --- positions and ETA -------------------------------------------------------------------
     def _measure(self, stats: StreamStats, seconds: float) -> None:
@@ -335,4 +561,5 @@ class GenerationQueue:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn)
 
 
-__all__ = ["Event", "GenerationQueue", "Job", "JobResult", "QueueClosed", "QueueFull", "release_memory"]
+__all__ = ["Event", "GenerationQueue", "Job", "JobResult", "QueueClosed", "QueueFull", "UserBusy",
+           "forget_traceback", "release_memory"]

@@ -5,12 +5,12 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from bot.config import ModelProfile, Settings
-from bot.core.messages import IncomingMessage, ReplySink, ReplyStatus
+from bot.core.messages import IncomingMessage, MessageStatus, ReplySink, ReplyStatus
 from bot.core.prompt import MessageTooLong, Turn, build_prompt
-from bot.core.queue import Event, GenerationQueue, Job, JobResult, QueueFull
+from bot.core.queue import Event, GenerationQueue, Job, JobResult, QueueClosed, QueueFull, UserBusy
 from bot.engines.base import ChatMessage, Engine, GenerationParams
 from bot.errors import BotError
 from bot.storage import migrate
@@ -30,15 +30,29 @@ COMMANDS = {
 NOT_ALLOWED = "Sorry, you are not allowed to use this bot."
 EMPTY = "Your message is empty. Please send some text."
 BUSY = "I'm busy with other people's messages right now. Please try again in a minute."
+USER_BUSY = ("You already have a message waiting for an answer (here or in another chat). "
+             "Please wait for that answer, then send this one again.")
 FOLDED = "Added to your waiting message; I'll answer both together."
+TOO_LONG = "Your message is too long: {tokens} tokens, limit {limit}. Please shorten it."
+TOO_LONG_FOLDED = ("Your {count} waiting messages together are too long: {tokens} tokens, limit {limit}. "
+                   "None of them was answered; please send a shorter one.")
+SHUTTING_DOWN = "I'm restarting right now, so I couldn't take your message. Please send it again in a minute."
+NO_MODEL_NOW = "No model could be loaded at all right now; I keep retrying in the background."
+REQUEST_GONE = "Your message was removed before I could answer it."
 
 
 @dataclass
 class _Record:
-    """Rows of one reply, shared by its prepare and finish steps."""
+    """Rows of one reply, shared by its prepare and finish steps.
+
+    `user_rows` is the request: the message that queued the reply plus every message folded into
+    it while it waited. They are answered, or refused, together.
+    """
 
     chat: int
-    user_row: int
+    key: str
+    user_rows: list[int] = field(default_factory=list)
+    is_group: bool = False
     reply_row: int | None = None
 
 
@@ -64,7 +78,12 @@ class ChatService:
         self.store = store or HistoryStore(settings.database_url)
         self.queue = GenerationQueue(self._make_engine, max_waiting=settings.queue_max,
                                      reply_timeout_s=settings.reply_timeout_s,
-                                     concurrency=settings.remote_concurrency)
+                                     concurrency=settings.remote_concurrency,
+                                     user_max_waiting=settings.user_max_waiting,
+                                     user_max_running=settings.user_max_running,
+                                     fallback_models=[settings.default_model, *settings.profiles],
+                                     partial_save_s=settings.partial_save_s)
+        self._waiting_records: dict[str, _Record] = {}  # chat key -> the request its waiting reply answers
         self._started = False
 
     def _default_factory(self, profile: ModelProfile) -> Engine:
@@ -158,11 +177,14 @@ class ChatService:
         if arg == self.current_model:
             await sink.notice(f"Already using {arg}.")
             return
-        previous = self.current_model
         try:
-            now = await self.queue.switch_model(arg)
+            now = await self.queue.switch_model(arg, user_key=self._user_key(msg))
+        except UserBusy:
+            await sink.error(USER_BUSY)
+            return
         except BotError as exc:
-            await sink.error(f"Could not load {arg}: {exc}. Still using {self.current_model or previous}.")
+            state = f"Still using {self.current_model}." if self.current_model else NO_MODEL_NOW
+            await sink.error(f"Could not load {arg}: {exc}. {state}")
             return
         await sink.notice(f"Switched to {now}.")
 
@@ -171,56 +193,88 @@ class ChatService:
     def _key(msg: IncomingMessage) -> str:
         return f"{msg.platform}:{msg.chat_id}"
 
+    @staticmethod
+    def _user_key(msg: IncomingMessage) -> str:
+        return f"{msg.platform}:{msg.user_id}"
+
     async def _prompt(self, msg: IncomingMessage, sink: ReplySink) -> None:
         text = msg.text.strip()
         if not text:
             await sink.error(EMPTY)
             return
         chat = await self.store.chat_id(msg.platform, msg.chat_id)
+        author = {"user_id": msg.user_id, "author_name": msg.user_name}
         if len(text) > MAX_MESSAGE_CHARS:
-            await self.store.add(chat, "user", text, "rejected", user_id=msg.user_id)
+            await self.store.add(chat, "user", text, MessageStatus.REJECTED, **author)
             await sink.error(f"Your message is too long: {len(text)} characters, limit {MAX_MESSAGE_CHARS}.")
             return
         key = self._key(msg)
-        user_row = await self.store.add(chat, "user", text, user_id=msg.user_id)
-        if self.queue.has_waiting(key):
+        user_row = await self.store.add(chat, "user", text, **author)
+        waiting = self._waiting_records.get(key)
+        if waiting is not None and self.queue.has_waiting(key):
+            waiting.user_rows.append(user_row)
             await sink.notice(FOLDED)
             return
-        record = _Record(chat, user_row)
+        record = _Record(chat, key, [user_row], is_group=msg.is_group)
         job = Job(key, prepare=lambda engine: self._prepare(engine, record),
-                  on_finish=lambda result: self._store_reply(record, result))
+                  on_finish=lambda result: self._store_reply(record, result),
+                  user_key=self._user_key(msg), on_progress=lambda partial: self._save_partial(record, partial))
         try:
             self.queue.submit(job)
-        except QueueFull:
-            await self.store.set_status(user_row, "rejected")
-            await sink.error(BUSY)
+        except (QueueFull, UserBusy, QueueClosed) as exc:
+            await self.store.set_status(user_row, MessageStatus.REJECTED)
+            await sink.error({UserBusy: USER_BUSY, QueueClosed: SHUTTING_DOWN}.get(type(exc), BUSY))
             return
+        self._waiting_records[key] = record
         await self._relay(job, sink)
 
     async def _prepare(self, engine: Engine, record: _Record) -> tuple[list[ChatMessage], GenerationParams]:
-        """Runs when the reply starts: prompt from the history as it is now, then a `pending` row."""
+        """Runs when the reply starts: prompt from the history as it is now, then a `pending` row.
+
+        A request that does not fit is refused as a whole: the message and everything folded into
+        it become `rejected`, so they never enter a later prompt and the chat keeps working.
+        """
+        if self._waiting_records.get(record.key) is record:
+            del self._waiting_records[record.key]  # later messages queue a new reply instead of folding
         profile = self.profile(self.queue.model)
         gen = self.settings.generation_for(profile)
         params = GenerationParams(max_new_tokens=gen.max_new_tokens, temperature=gen.temperature,
                                   top_p=gen.top_p, repetition_penalty=gen.repetition_penalty)
-        history = await self.store.context(record.chat)
+        rows = await self.store.context(record.chat)
         system = await self.store.system_prompt(record.chat) or self.settings.system_prompt
-        turns = [Turn(m.role, m.content) for m in history]
+        mine = set(record.user_rows)
+        request = [Turn(r.role, r.content, r.author_name or r.user_id) for r in rows if r.id in mine]
+        if not request:
+            raise BotError(REQUEST_GONE)
+        # Not history: user messages sent after this request (a later reply answers them). The previous
+        # reply's row may be newer than this request's messages: it was created when that reply started.
+        history = [Turn(r.role, r.content, r.author_name or r.user_id) for r in rows
+                   if r.id not in mine and (r.role != "user" or r.id < max(mine))]
+        speakers = {r.user_id for r in rows if r.role == "user"}
+        name_speakers = record.is_group or len(speakers) > 1
         loop = asyncio.get_running_loop()
         try:
             messages = await loop.run_in_executor(
-                None, build_prompt, system, turns, engine.count_tokens, engine.context_length, params.max_new_tokens)
+                None, lambda: build_prompt(system, history, request, engine.count_tokens, engine.context_length,
+                                           params.max_new_tokens, name_speakers))
         except MessageTooLong as exc:
-            await self.store.set_status(record.user_row, "rejected")
-            raise BotError(f"Your message is too long: {exc.tokens} tokens, limit {exc.limit}. "
-                           "Please shorten it.") from None
-        record.reply_row = await self.store.add(record.chat, "assistant", "", "pending", model=self.queue.model)
+            await self.store.set_status(record.user_rows, MessageStatus.REJECTED)
+            template = TOO_LONG_FOLDED if len(request) > 1 else TOO_LONG
+            raise BotError(template.format(count=len(request), tokens=exc.tokens, limit=exc.limit)) from None
+        record.reply_row = await self.store.add(record.chat, "assistant", "", MessageStatus.PENDING,
+                                                model=self.queue.model)
         return messages, params
 
+    async def _save_partial(self, record: _Record, text: str) -> None:
+        if record.reply_row is not None:
+            await self.store.save_partial(record.reply_row, text)
+
     async def _store_reply(self, record: _Record, result: JobResult) -> None:
+        if self._waiting_records.get(record.key) is record:
+            del self._waiting_records[record.key]
         if record.reply_row is None:  # never started: cancelled while waiting, or refused
             return
-        await self.store.finish(record.reply_row, result.text, result.status.value,
+        await self.store.finish(record.reply_row, result.text, result.status,
                                 token_count=result.stats.completion_tokens, model=result.model)
 
     async def _relay(self, job: Job, sink: ReplySink) -> None:

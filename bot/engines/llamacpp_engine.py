@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from bot.engines import template_guard
 from bot.engines.base import CancelToken, ChatMessage, Engine, EngineError, GenerationParams, StreamStats
 from bot.engines.transformers_engine import missing_files_message
 
@@ -113,6 +114,7 @@ class LlamaCppEngine(Engine):
     def prompt_ids(self, messages: list[ChatMessage]) -> list[int]:
         """Token ids of the chat-templated prompt, ending with the assistant generation prompt."""
         self._require_loaded()
+        messages = template_guard.for_llama(self.llama).messages(messages)  # no forged template turns
         rendered = self._formatter(messages=[{"role": m.role, "content": m.content} for m in messages])
         return self.llama.tokenize(rendered.prompt.encode("utf-8"), add_bos=self._add_bos, special=True)
 

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import httpx
 
+from bot.engines import template_guard
 from bot.engines.base import CancelToken, ChatMessage, Engine, EngineError, GenerationParams, StreamStats
 from bot.logs import register_secret
 
@@ -109,7 +110,7 @@ class OpenAIEngine(Engine):
     # --- tokens --------------------------------------------------------------------------------
     def count_tokens(self, messages: list[ChatMessage]) -> int:
         """Prompt tokens of `messages` (see the module docstring for the order of methods)."""
-        payload = [{"role": m.role, "content": m.content} for m in messages]
+        payload = [{"role": m.role, "content": m.content} for m in self._guard().messages(messages)]
         with self._counter_lock:
             counter = self._counter
         order: list[Counter] = [counter] if counter else ["server-chat", "local", "server-text", "estimate"]
@@ -209,10 +210,15 @@ class OpenAIEngine(Engine):
         # the connection dropped mid-reply: the server crashed or restarted
         return EngineError(f"The model server for {self.name} stopped in the middle of the reply. Please try again.")
 
+    def _guard(self) -> template_guard.TemplateGuard:
+        """The server templates and tokenizes: escape its special tokens (known from a local tokenizer)."""
+        tokenizer = self._tokenizer
+        return template_guard.for_tokenizer(tokenizer) if tokenizer is not None else template_guard.COMMON
+
     def _request_body(self, messages: list[ChatMessage], params: GenerationParams) -> dict[str, Any]:
         body: dict[str, Any] = {
             "model": self.remote_model,
-            "messages": [{"role": m.role, "content": m.content} for m in messages],
+            "messages": [{"role": m.role, "content": m.content} for m in self._guard().messages(messages)],
             "stream": True,
             "stream_options": {"include_usage": True},
             "max_tokens": params.max_new_tokens,

@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from bot.engines import template_guard
 from bot.engines.base import CancelToken, ChatMessage, Engine, EngineError, GenerationParams, StreamStats
 
 if TYPE_CHECKING:
@@ -238,6 +239,7 @@ class TransformersEngine(Engine):
     def prompt_ids(self, messages: list[ChatMessage]) -> list[int]:
         """Token ids of the chat-templated prompt, ending with the assistant generation prompt."""
         self._require_loaded()
+        messages = template_guard.for_tokenizer(self.tokenizer).messages(messages)  # no forged template turns
         text = self.tokenizer.apply_chat_template(
             [{"role": m.role, "content": m.content} for m in messages], tokenize=False, add_generation_prompt=True)
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])

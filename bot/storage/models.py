@@ -7,6 +7,8 @@ from datetime import UTC, datetime
 from sqlalchemy import DateTime, ForeignKey, Index, Integer, String, Text, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
+from bot.core.messages import MessageStatus
+
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
@@ -35,9 +37,9 @@ class Message(Base):
     chat_id: Mapped[int] = mapped_column(ForeignKey("chats.id", ondelete="CASCADE"))
     role: Mapped[str] = mapped_column(String(16))  # user | assistant
     content: Mapped[str] = mapped_column(Text)
-    # complete | cancelled | failed | incomplete | pending (reply running) | rejected (user msg not answered)
-    status: Mapped[str] = mapped_column(String(16), default="complete")
+    status: Mapped[str] = mapped_column(String(16), default=MessageStatus.COMPLETE.value)  # a MessageStatus
     user_id: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    author_name: Mapped[str | None] = mapped_column(String(255), nullable=True)  # display name when sent
     model: Mapped[str | None] = mapped_column(String(255), nullable=True)
     token_count: Mapped[int | None] = mapped_column(Integer, nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

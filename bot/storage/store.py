@@ -9,6 +9,7 @@ from sqlalchemy import delete, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from bot.core.messages import PROMPT_STATUSES, MessageStatus
 from bot.storage.db import make_engine, make_sessionmaker
 from bot.storage.models import Chat, Message, utcnow
 
@@ -20,15 +21,17 @@ class StoredMessage:
     id: int
     role: str
     content: str
-    status: str
+    status: MessageStatus
     model: str | None
     user_id: str | None
     token_count: int | None
     created_at: datetime
+    author_name: str | None = None
 
 
 def _stored(m: Message) -> StoredMessage:
-    return StoredMessage(m.id, m.role, m.content, m.status, m.model, m.user_id, m.token_count, m.created_at)
+    return StoredMessage(m.id, m.role, m.content, MessageStatus(m.status), m.model, m.user_id, m.token_count,
+                         m.created_at, m.author_name)
 
 
 class HistoryStore:
@@ -62,19 +65,20 @@ class HistoryStore:
         async with self._session() as s:
             return await s.scalar(select(Chat.system_prompt).where(Chat.id == chat_id))
 
-    async def add(self, chat_id: int, role: str, content: str, status: str = "complete", *,
-                  user_id: str | None = None, model: str | None = None,
+    async def add(self, chat_id: int, role: str, content: str, status: MessageStatus = MessageStatus.COMPLETE, *,
+                  user_id: str | None = None, author_name: str | None = None, model: str | None = None,
                   token_count: int | None = None) -> int:
         async with self._session() as s:
-            msg = Message(chat_id=chat_id, role=role, content=content, status=status, user_id=user_id,
-                          model=model, token_count=token_count)
+            msg = Message(chat_id=chat_id, role=role, content=content, status=MessageStatus(status).value,
+                          user_id=user_id, author_name=author_name, model=model, token_count=token_count)
             s.add(msg)
             await s.commit()
             return msg.id
 
-    async def finish(self, message_id: int, content: str, status: str, token_count: int | None = None,
+    async def finish(self, message_id: int, content: str, status: MessageStatus, token_count: int | None = None,
                      model: str | None = None) -> None:
-        values: dict[str, object] = {"content": content, "status": status, "updated_at": utcnow()}
+        values: dict[str, object] = {"content": content, "status": MessageStatus(status).value,
+                                     "updated_at": utcnow()}
         if token_count is not None:
             values["token_count"] = token_count
         if model is not None:
@@ -83,19 +87,28 @@ class HistoryStore:
             await s.execute(update(Message).where(Message.id == message_id).values(**values))
             await s.commit()
 
-    async def set_status(self, message_id: int, status: str) -> None:
+    async def set_status(self, message_ids: int | list[int], status: MessageStatus) -> None:
+        """One status for one message or several (a message and all that were folded into it)."""
+        ids = [message_ids] if isinstance(message_ids, int) else list(message_ids)
         async with self._session() as s:
-            await s.execute(update(Message).where(Message.id == message_id)
-                            .values(status=status, updated_at=utcnow()))
+            await s.execute(update(Message).where(Message.id.in_(ids))
+                            .values(status=MessageStatus(status).value, updated_at=utcnow()))
+            await s.commit()
+
+    async def save_partial(self, message_id: int, content: str) -> None:
+        """The text so far of a reply still being written, so a hard kill loses only the last interval."""
+        async with self._session() as s:
+            await s.execute(update(Message).where(Message.id == message_id,
+                                                  Message.status == MessageStatus.PENDING.value)
+                            .values(content=content, updated_at=utcnow()))
             await s.commit()
 
     async def context(self, chat_id: int, limit: int = HISTORY_LIMIT) -> list[StoredMessage]:
-        """Turns that belong in a prompt, oldest first: user messages and complete replies."""
+        """Turns that belong in a prompt, oldest first: only rows whose status says so (PROMPT_STATUSES)."""
+        statuses = sorted(s.value for s in PROMPT_STATUSES)
         async with self._session() as s:
             rows = (await s.scalars(
-                select(Message).where(Message.chat_id == chat_id,
-                                      ((Message.role == "user") & (Message.status != "rejected"))
-                                      | ((Message.role == "assistant") & (Message.status == "complete")))
+                select(Message).where(Message.chat_id == chat_id, Message.status.in_(statuses))
                 .order_by(Message.id.desc()).limit(limit))).all()
         return [_stored(m) for m in reversed(rows)]
 
@@ -115,7 +128,7 @@ class HistoryStore:
     async def mark_interrupted(self) -> int:
         """Replies left `pending` by a process that died become `incomplete`."""
         async with self._session() as s:
-            result = await s.execute(update(Message).where(Message.status == "pending")
-                                     .values(status="incomplete", updated_at=utcnow()))
+            result = await s.execute(update(Message).where(Message.status == MessageStatus.PENDING.value)
+                                     .values(status=MessageStatus.INCOMPLETE.value, updated_at=utcnow()))
             await s.commit()
             return result.rowcount or 0
