@@ -172,4 +172,34 @@ def test_real_builds_hold_packed_4bit_layers_and_answer_as_before(kind: str) -> 
     flips = before.argmax(-1) != after.argmax(-1)
     margin = before.amax(-1) - before.gather(-1, after.argmax(-1, keepdim=True)).squeeze(-1)
     assert flips.float().mean() <= 0.1 and bool((margin[flips] <= 0.02 * before.abs().max()).all())
-    assert (after - before).abs().max() < 0.05 * before.abs().max()
+    # Both paths compute the same 4-bit W with bf16 activations, so both differ from exact float32 math on these
+    # weights by bf16 noise (here ~4% RMS of the logits, single logits by up to ~2); ours must stay within that
+    # noise of torch's distance, whatever the build: a wrong scale, offset or code order in one layer breaks it.
+    with torch.inference_mode():
+        exact = float32_twin(model)(input_ids=ids).logits.float()
+    ours, torchs = rms(after - exact), rms(before - exact)
+    assert ours <= 1.5 * torchs and torchs < 0.1 * rms(exact), (ours, torchs, rms(exact))
+
+
+def rms(x: torch.Tensor) -> float:
+    return float(x.pow(2).mean().sqrt())
+
+
+def float32_twin(model: nn.Module) -> nn.Module:
+    """A float32 copy of a streamlined model with each int4 layer as a plain Linear of its exact weight (read back
+    through our kernel, which takes float32 input and sums in float32: identity in, W^T out)."""
+    import copy
+
+    twin = copy.deepcopy(model)
+    for parent in list(twin.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, NativeInt4Linear):
+                with torch.inference_mode():
+                    eye = torch.eye(child.in_features, dtype=torch.float32)  # (its input gather, if any, included)
+                    w_t = child(eye) - (child.bias.float() if child.bias is not None else 0)
+                linear = nn.Linear(child.in_features, child.out_features, bias=child.bias is not None)
+                linear.weight = nn.Parameter(w_t.t().contiguous(), requires_grad=False)
+                if child.bias is not None:
+                    linear.bias = nn.Parameter(child.bias.float().clone(), requires_grad=False)
+                setattr(parent, name, linear)
+    return nn.Module.float(twin)  # (Transformers refuses .float() on a model it knows to be quantized)
