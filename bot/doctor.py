@@ -231,6 +231,9 @@ def load_report(profile: ModelProfile, settings: Settings) -> dict[str, Any]:
 # --- diagnosis ---
 
 def diagnose(settings: Settings, load: bool = False) -> Report:
+    from bot.engines.transformers_engine import use_model_caches
+
+    use_model_caches(settings.models_dir)  # our kernels are built and found where the engine keeps them
     findings: list[Finding] = []
     torch_info = _python_and_torch(findings)
     driver_gpus = [] if torch_info is not None and torch_info.cuda_available else nvidia_smi_gpus()

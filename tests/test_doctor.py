@@ -11,6 +11,7 @@ import pytest
 from bot import doctor
 from bot.cli import main
 from bot.doctor import GpuInfo, TorchFacts
+from bot.engines.transformers_engine import CACHE_DIRS
 
 CPU_TORCH = TorchFacts("2.13.0+cpu", None, False)
 CUDA_TORCH = TorchFacts("2.13.0+cu128", "12.8", True, [GpuInfo("NVIDIA GeForce RTX 3090", 24.0, "8.6", True)])
@@ -46,6 +47,8 @@ def machine(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> dict[str, Any]:
     for var in ("TELEGRAM_BOT_TOKEN", "DISCORD_BOT_TOKEN", "QUANTBOT_CPU_KERNELS", "DEFAULT_MODEL", "MODELS_FILE"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("MODELS_DIR", str(models))
+    for var in CACHE_DIRS:  # the doctor points them at MODELS_DIR; restored after each test
+        monkeypatch.setenv(var, str(tmp_path / var.lower()))
     monkeypatch.setenv("DATABASE_URL", "postgresql+asyncpg://bot:hunter2@db.example/quantbot")
     return facts
 

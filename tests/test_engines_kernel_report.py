@@ -7,6 +7,7 @@ these run without a model; one slow test checks the report of the real embedded 
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -311,15 +312,29 @@ def test_cpu_kernels_setting_reads_quantbot_cpu_kernels(monkeypatch: pytest.Monk
     assert Settings(_env_file=None).cpu_kernels == "off"  # type: ignore[call-arg]
 
 
+def unset_cache_dirs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Unset, and restored after the test even when the code under test sets them (setenv records the original)."""
+    from bot.engines.transformers_engine import CACHE_DIRS
+
+    for var in CACHE_DIRS:
+        monkeypatch.setenv(var, "")
+        monkeypatch.delenv(var)
+
+
 def test_kernel_caches_live_under_models_dir_unless_already_set(tmp_path: Path,
                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
-    for var in ("TORCH_EXTENSIONS_DIR", "TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR"):
-        monkeypatch.delenv(var, raising=False)
+    unset_cache_dirs(monkeypatch)
     monkeypatch.setenv("TRITON_CACHE_DIR", "/elsewhere/triton")
     dirs = use_model_caches(tmp_path)
     assert dirs["TORCH_EXTENSIONS_DIR"] == str(tmp_path / ".torch-extensions")
     assert dirs["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / ".inductor-cache")
     assert dirs["TRITON_CACHE_DIR"] == "/elsewhere/triton"
+
+
+def test_a_read_only_models_dir_keeps_torchs_own_caches(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    unset_cache_dirs(monkeypatch)
+    use_model_caches(tmp_path / "missing")  # does not exist: nothing can be written there
+    assert "TORCH_EXTENSIONS_DIR" not in os.environ
 
 
 @pytest.mark.slow

@@ -79,10 +79,11 @@ def context_length(profile_length: int | None, declared: int | None, max_context
 
 def use_model_caches(models_dir: Path) -> dict[str, str]:
     """Point torch's extension builds (ours, GPTQModel's CUDA kernels), inductor and Triton at MODELS_DIR, unless
-    the environment already chose; returns the directories in use."""
-    for var, sub in CACHE_DIRS.items():
-        os.environ.setdefault(var, str(models_dir / sub))
-    return {var: os.environ[var] for var in CACHE_DIRS}
+    the environment already chose or MODELS_DIR is read-only; returns the directories in use (unset: torch's)."""
+    if os.access(models_dir, os.W_OK):
+        for var, sub in CACHE_DIRS.items():
+            os.environ.setdefault(var, str(models_dir / sub))
+    return {var: os.environ.get(var, "") for var in CACHE_DIRS}
 
 
 def backend_order(profile_backend: str, fmt: str, on_gpu: bool) -> list[str | None]:
