@@ -476,6 +476,9 @@ def render(report: Report) -> str:
 
 
 def cmd_doctor(args: argparse.Namespace, settings: Settings) -> int:
-    report = diagnose(settings, load=args.load)
+    import contextlib
+
+    with contextlib.redirect_stdout(sys.stderr):  # GPTQModel and others print banners: keep stdout for the report
+        report = diagnose(settings, load=args.load)
     print(json.dumps(report.as_dict(), indent=2) if args.json else render(report))
     return report.exit_code

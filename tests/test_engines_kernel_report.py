@@ -13,6 +13,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+import torch
 from torch import nn
 
 from bot.config import ModelProfile, Settings
@@ -169,7 +170,7 @@ def fake_model(*layers: nn.Module, device: str = "cpu", sym: bool | None = None)
     root = nn.Module()
     for i, child in enumerate(layers):
         root.add_module(f"layer{i}", child)
-    root.device = SimpleNamespace(type=device)
+    root.device = torch.device(device)
     root.dtype = "torch.bfloat16"
     root.config = SimpleNamespace(quantization_config={"bits": 4, "sym": sym})
     return root
@@ -222,11 +223,13 @@ def test_kernel_summary_is_what_admins_see(tmp_path: Path) -> None:
 
 def test_a_gpu_backend_that_failed_shows_in_the_report(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(kernel_report, "nvcc_on_path", lambda: False)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=0: "NVIDIA GeForce RTX 3090")
     engine = gptq_engine(tmp_path)
     engine.model = fake_model(layer("ExllamaV2Linear"), device="cuda", sym=True)
     engine.backend, engine.backend_failures = "exllama_v2", ["marlin: RuntimeError: nvcc not found"]
     report = engine.describe_kernels()
-    assert "exllama_v2 after marlin failed" in report.summary()
+    assert report.summary().startswith("smollm2-gptq: GPTQ 4-bit on GPU (NVIDIA GeForce RTX 3090), ExLlama, eager, "
+                                       "backend exllama_v2 (marlin failed)")
     warning = report.warning() or ""
     assert "marlin: RuntimeError: nvcc not found" in warning and "install the CUDA toolkit" in warning
 

@@ -296,13 +296,18 @@ class TransformersEngine(Engine):
         sym = kernel_report.config_value(quant_config, "sym") if self.profile.format == "gptq" else None
         note = None
         if self.backend_failures:
-            note = f"{self.backend} after {', '.join(f.split(':')[0] for f in self.backend_failures)} failed"
+            note = f"backend {self.backend} ({', '.join(f.split(':')[0] for f in self.backend_failures)} failed)"
         facts = kernel_report.LoadFacts(
             device=device, compiled=self.compiled, compile_error=self.compile_error,
             cpu_kernels_off=self.settings.cpu_kernels == "off", native_error=native.build_error(),
             sym=sym, nvcc=kernel_report.nvcc_on_path() if device == "cuda" else None, backend_note=note)
         quant = kernel_report.quant_label(self.profile.format, quant_config, model.dtype)
-        report = kernel_report.inspect_modules(self.name, quant, model.modules(), facts)
+        label = None
+        if device == "cuda":
+            import torch
+
+            label = f"GPU ({torch.cuda.get_device_name(model.device.index or 0)})"
+        report = kernel_report.inspect_modules(self.name, quant, model.modules(), facts, label)
         for failure in self.backend_failures:
             report.degrade("acceptable", f"preferred kernel failed ({failure})",
                             kernel_report.FIX_NVCC if facts.nvcc is False else "")
