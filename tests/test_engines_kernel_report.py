@@ -138,6 +138,20 @@ def test_plain_linear_layers_are_not_kernels() -> None:
     assert report.kernels == {} and report.summary() == "m: unquantized bfloat16 on CPU, eager"
 
 
+@pytest.mark.parametrize(("native", "label"), [(True, "our int4 kernel"), (False, "torch's int4 kernel")])
+def test_gptqmodel_cpu_layers_after_repacking_are_reported_by_what_they_became(native: bool, label: str) -> None:
+    """The real repacking (GPTQModel's CPU layers -> ours or torch's; q/k/v fused into one matmul)."""
+    from bot.engines.cpu_int4 import streamline
+    from tests.test_engines_cpu_int4 import Attention
+
+    attn = Attention(act_order=False)
+    before = inspect_modules("m", GPTQ4, attn.modules(), LoadFacts(device="cpu", compiled=True))
+    assert before.kernels == {"GPTQModel's aten int4 layer (not repacked)": 4} and before.rating == "acceptable"
+    streamline(attn, native=native)
+    after = inspect_modules("m", GPTQ4, attn.modules(), LoadFacts(device="cpu", compiled=True))
+    assert after.kernels == {label: 2}  # the fused q/k/v and o_proj
+
+
 def test_a_slow_path_is_one_warning_and_a_fast_one_none(caplog: pytest.LogCaptureFixture) -> None:
     slow = inspect_modules("m", GPTQ4, tree(layer("TorchLinear"), layer("TorchLinear")),
                            LoadFacts(device="cuda", nvcc=False))
@@ -342,19 +356,20 @@ def test_a_read_only_models_dir_keeps_torchs_own_caches(tmp_path: Path, monkeypa
 
 @pytest.mark.slow
 def test_the_real_gptq_build_reports_our_kernel() -> None:
-    """The embedded GPTQ build on this CPU: every layer on our int4 kernel, the 8-bit head, compiled, no warning."""
+    """The embedded GPTQ build on this CPU: every layer on our int4 kernel, the 8-bit head, no warning. Eager by
+    choice (tests run with TORCH_COMPILE=off, see conftest), which is not a degraded path."""
     from bot.models.prepare import prepare
     from tests.models_fixture import shared_models_dir
 
     models = shared_models_dir()
     prepare(models, ["gptq"])
-    settings = Settings(models_dir=models, _env_file=None)  # type: ignore[call-arg]
+    settings = Settings(models_dir=models, _env_file=None, torch_compile="off")  # type: ignore[call-arg]
     engine = TransformersEngine(settings.profiles["smollm2-gptq"], settings)
     engine.load()
     try:
         report = engine.kernel_report
         assert report is not None
-        assert report.summary() == "smollm2-gptq: GPTQ 4-bit on CPU, our int4 kernel, 8-bit head, compiled"
+        assert report.summary() == "smollm2-gptq: GPTQ 4-bit on CPU, our int4 kernel, 8-bit head, eager"
         assert report.warning() is None
     finally:
         engine.unload()
