@@ -177,7 +177,8 @@ def test_gguf_on_the_cpu_while_a_gpu_idles_is_slow() -> None:
 # --- the engine side: what it feeds the report, its load order and limits ---
 
 def settings_for(tmp_path: Path, **values: Any) -> Settings:
-    return Settings(models_dir=tmp_path, _env_file=None, include_embedded_models=False, **values)  # type: ignore[arg-type]
+    return Settings(models_dir=tmp_path, _env_file=None, include_embedded_models=False,  # type: ignore[arg-type]
+                    **values)
 
 
 def fake_model(*layers: nn.Module, device: str = "cpu", sym: bool | None = None) -> Any:
