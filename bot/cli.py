@@ -11,6 +11,7 @@ from bot.errors import BotError
 # command path -> "module:function"; each function takes (args, settings) and returns an exit code.
 COMMANDS: dict[tuple[str, ...], str] = {
     ("run",): "bot.app:cmd_run",
+    ("doctor",): "bot.doctor:cmd_doctor",
     ("chat",): "bot.adapters.terminal:cmd_chat",
     ("generate",): "bot.engines.generate:cmd_generate",
     ("models", "prepare"): "bot.models.prepare:cmd_prepare",
@@ -32,6 +33,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("run", help="run the configured adapters (terminal chat when no token is set)")
     sub.add_parser("chat", help="chat in the terminal")
+    doctor = sub.add_parser("doctor", help="what this machine gives the bot (torch, GPU, kernels, models, database); "
+                                           "exit 1 when the default model cannot run")
+    doctor.add_argument("--json", action="store_true", help="machine-readable output")
+    doctor.add_argument("--load", action="store_true", help="also load each local model and report its kernels")
 
     gen = sub.add_parser("generate", help="stream one reply to the terminal")
     gen.add_argument("prompt")

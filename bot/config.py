@@ -7,7 +7,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, Field, SecretStr, field_validator
+from pydantic import AliasChoices, BaseModel, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 ModelFormat = Literal["gptq", "awq", "gguf", "hf", "openai"]
@@ -35,6 +35,8 @@ class ModelProfile(BaseModel):
     api_key: SecretStr | None = None
     tokenizer: str | None = None  # local tokenizer for counting (format "openai")
     context_length: int | None = None
+    # GPTQModel kernel: auto (on a GPU: marlin, then exllama_v2, triton, torch as each fails), or one by name
+    backend: str = "auto"
     generation: GenerationDefaults = Field(default_factory=GenerationDefaults)
     description: str = ""
 
@@ -81,6 +83,10 @@ class Settings(BaseSettings):
     repetition_penalty: float | None = None
     torch_threads: int | None = None  # torch and llama.cpp threads; unset: torch picks, llama.cpp every core (<= 8)
     torch_compile: Literal["auto", "on", "off"] = "auto"  # compile the Transformers decode step; auto = on CPU
+    max_context: int = 8192  # caps every model's context (KV cache) whatever the model or profile declares
+    # QUANTBOT_CPU_KERNELS=off: torch's int4 kernel and the 16-bit head instead of ours (a fallback, comparisons)
+    cpu_kernels: Literal["on", "off"] = Field(
+        "on", validation_alias=AliasChoices("quantbot_cpu_kernels", "cpu_kernels"))
 
     # --- core ---
     database_url: str = "sqlite+aiosqlite:///data/quantbot.db"

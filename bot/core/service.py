@@ -166,6 +166,8 @@ class ChatService:
             lines = [f"{'* ' if n == self.current_model else '  '}{n}"
                      + (f" - {p.description}" if p.description else "")
                      for n, p in self.settings.profiles.items()]
+            if msg.is_admin and (kernels := getattr(self.queue.engine, "kernel_summary", None)):
+                lines.append(f"Running: {kernels}")  # what the model runs on (bot/engines/kernel_report.py)
             await sink.notice("Models (* = current):\n" + "\n".join(lines) + "\nSwitch with /model NAME")
             return
         if not msg.is_admin:

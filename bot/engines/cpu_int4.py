@@ -104,11 +104,12 @@ def _native(packed: PackedInt4Linear) -> NativeInt4Linear:
                             offsets.t().contiguous(), packed.group_size, packed.perm, packed.bias)
 
 
-def _on_native_kernel(packed: PackedInt4Linear, dtype: torch.dtype) -> nn.Module:
-    """`packed` moved to our kernel where it builds and agrees with torch's; `packed` itself otherwise."""
+def _on_native_kernel(packed: PackedInt4Linear, dtype: torch.dtype, native: bool = True) -> nn.Module:
+    """`packed` moved to our kernel where it builds and agrees with torch's (and `native` allows it); `packed`
+    itself otherwise."""
     from bot.engines.native import kernels
 
-    if kernels() is None:
+    if not native or kernels() is None:
         return packed
     try:
         native = _native(packed)
@@ -195,8 +196,9 @@ def _matches(new: nn.Module, old: nn.Module, dtype: torch.dtype) -> bool:
         return outputs_agree(new(x), old(x))
 
 
-def streamline(model: nn.Module) -> int:
-    """Swap every GPTQModel CPU int4 layer of `model` for the lean equivalent; returns how many were swapped."""
+def streamline(model: nn.Module, native: bool = True) -> int:
+    """Swap every GPTQModel CPU int4 layer of `model` for the lean equivalent; returns how many were swapped.
+    `native` False keeps torch's int4 kernel even where ours builds (QUANTBOT_CPU_KERNELS=off)."""
     dtype = getattr(model, "dtype", torch.bfloat16)
     swapped = 0
     parents = [m for m in model.modules() if any(type(c).__name__ in LAYER_CLASSES for c in m.children())]
@@ -214,7 +216,7 @@ def streamline(model: nn.Module) -> int:
                 with torch.inference_mode():  # the head runs first, as in the model; the tails take its slices
                     if not all(outputs_agree(new(x), children[n](x)) for new, n in zip([head, *tails], group)):
                         continue
-                head.fused = _on_native_kernel(head.fused, dtype)
+                head.fused = _on_native_kernel(head.fused, dtype, native)
             except Exception as exc:  # noqa: BLE001 - unknown internals: keep GPTQModel's own layers
                 log.debug("not fusing %s: %s", group, exc)
                 continue
@@ -230,7 +232,7 @@ def streamline(model: nn.Module) -> int:
                 lean = _packed(child)
                 if not _matches(lean, child, dtype):
                     continue
-                lean = _on_native_kernel(lean, dtype)
+                lean = _on_native_kernel(lean, dtype, native)
             except Exception as exc:  # noqa: BLE001
                 log.debug("not repacking %s: %s", name, exc)
                 continue

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from bot.engines import template_guard
+from bot.engines import kernel_report, template_guard
 from bot.engines.base import CancelToken, ChatMessage, Engine, EngineError, GenerationParams, StreamStats
 from bot.engines.transformers_engine import missing_files_message
 
@@ -54,7 +54,8 @@ class LlamaCppEngine(Engine):
         self.llama: Any = None
         self._formatter: Any = None
         self._add_bos = False
-        self._context_length = profile.context_length or DEFAULT_CONTEXT
+        self._context_length = min(profile.context_length or DEFAULT_CONTEXT, settings.max_context)
+        self.kernel_report: kernel_report.KernelReport | None = None
         self._lock = threading.Lock()
 
     def load(self) -> None:
@@ -69,11 +70,13 @@ class LlamaCppEngine(Engine):
         except ImportError as exc:
             raise EngineError("GGUF models need llama-cpp-python: install it with "
                               "`pip install 'llama-cpp-python[server]==0.3.36'`") from exc
+        threads = self.settings.torch_threads or default_threads()
         try:
-            gpu_layers = -1 if llama_cpp.llama_supports_gpu_offload() else 0
+            offload = bool(llama_cpp.llama_supports_gpu_offload())
+            gpu_layers = -1 if offload else 0
             llama = llama_cpp.Llama(
                 model_path=str(path), n_ctx=self._context_length, n_batch=N_BATCH, n_gpu_layers=gpu_layers,
-                n_threads=self.settings.torch_threads or default_threads(), verbose=False,
+                n_threads=threads, verbose=False,
             )
         except Exception as exc:  # noqa: BLE001 - llama.cpp raises ValueError/RuntimeError on bad files
             log.exception("loading %s from %s failed", self.name, path)
@@ -92,12 +95,22 @@ class LlamaCppEngine(Engine):
         self._add_bos = meta.get("tokenizer.ggml.add_bos_token", "false") == "true"
         self._context_length = min(llama.n_ctx(), self._context_length)  # llama.cpp may pad n_ctx up
         self.llama = llama
+        self.kernel_report = kernel_report.gguf_report(
+            self.name, kernel_report.gguf_quant(meta, path.name), gpu_layers, offload,
+            gpu_present=offload or kernel_report.nvidia_gpu_visible(), threads=threads)
+        kernel_report.log_report(self.kernel_report)
         log.info("loaded %s (gguf) with %s GPU layers, context %d", self.name, gpu_layers, self._context_length)
+
+    @property
+    def kernel_summary(self) -> str | None:
+        """The one-line kernel report for admins (`/model`); None before a load."""
+        return self.kernel_report.summary() if self.kernel_report else None
 
     def unload(self) -> None:
         if self.llama is not None:
             self.llama.close()
         self.llama = None
+        self.kernel_report = None
 
     @property
     def loaded(self) -> bool:

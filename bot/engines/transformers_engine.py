@@ -1,4 +1,5 @@
-"""GPTQ, AWQ and plain HF checkpoints through Transformers (`device_map="auto"`, dtype from the checkpoint)."""
+"""GPTQ, AWQ and plain HF checkpoints through Transformers: quantized models whole on one GPU (GPTQModel refuses
+CPU offload) or on the CPU, dtype from the checkpoint (fp16 where the GPU lacks bf16)."""
 
 from __future__ import annotations
 
@@ -6,17 +7,18 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
-from bot.engines import template_guard
+from bot.engines import kernel_report, template_guard
 from bot.engines.base import CancelToken, ChatMessage, Engine, EngineError, GenerationParams, StreamStats
 
 if TYPE_CHECKING:
     from bot.config import ModelProfile, Settings
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # --- tuning constants ---
 DEFAULT_CONTEXT = 8192  # when neither the profile nor the config names one
@@ -26,6 +28,15 @@ WARMUP_TOKENS = 2
 COMPILE_OPTIONS = {"size_asserts": False}  # inductor settings for the compiled decode step
 # Tokens that end an assistant turn in common chat templates (only those the vocabulary has are used).
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<end_of_turn>", "</s>")
+# backend "auto" on a GPU: GPTQModel's kernels from fastest, each tried when the one before fails to build or load
+GPU_BACKENDS = {"gptq": ("marlin", "exllama_v2", "triton", "torch"),
+                "awq": ("marlin", "gemm", "gemm_triton", "torch_awq")}  # AwqConfig's names
+BACKEND_ALIASES = {"exllama": "exllama_v2"}
+FIT_MARGIN = 1.1  # the weights plus ~10% for activations and the first KV cache pages
+GIB = 1024 ** 3
+# Kernel and compile caches, under MODELS_DIR so a recreated container keeps them (an env var already set wins).
+CACHE_DIRS = {"TORCH_EXTENSIONS_DIR": ".torch-extensions", "TORCHINDUCTOR_CACHE_DIR": ".inductor-cache",
+              "TRITON_CACHE_DIR": ".triton-cache"}
 
 
 def missing_files_message(profile: ModelProfile, path: Path | None) -> str:
@@ -49,15 +60,110 @@ def quiet_gptqmodel() -> None:
     LogBar.shared().setLevel(logging.WARNING)
 
 
-def cpu_decode_path(model: Any) -> None:
-    """What a quantized model runs on in the CPU: its int4 layers repacked (our kernel where it builds) and its
-    16-bit output head as 8-bit. Unquantized models are left as they are."""
+def cpu_decode_path(model: Any, native: bool = True) -> None:
+    """What a quantized model runs on in the CPU: its int4 layers repacked (our kernel where it builds and `native`
+    allows it) and its 16-bit output head as 8-bit (our kernel too). Unquantized models are left as they are."""
     from bot.engines.cpu_int4 import streamline
     from bot.engines.cpu_int8_head import quantize_output_head
 
-    swapped = streamline(model)
-    head = swapped > 0 and quantize_output_head(model)
+    swapped = streamline(model, native=native)
+    head = swapped > 0 and native and quantize_output_head(model)
     log.debug("%d int4 layers repacked for the CPU; 8-bit output head: %s", swapped, head)
+
+
+def context_length(profile_length: int | None, declared: int | None, max_context: int) -> int:
+    """The profile's context, else the model's declared maximum (32k-128k for current 7B models), never more than
+    MAX_CONTEXT: a long chat must not ask for more KV cache than the machine has."""
+    return min(profile_length or declared or DEFAULT_CONTEXT, max_context)
+
+
+def use_model_caches(models_dir: Path) -> dict[str, str]:
+    """Point torch's extension builds (ours, GPTQModel's CUDA kernels), inductor and Triton at MODELS_DIR, unless
+    the environment already chose or MODELS_DIR is read-only; returns the directories in use (unset: torch's)."""
+    if os.access(models_dir, os.W_OK):
+        for var, sub in CACHE_DIRS.items():
+            os.environ.setdefault(var, str(models_dir / sub))
+    return {var: os.environ.get(var, "") for var in CACHE_DIRS}
+
+
+def backend_order(profile_backend: str, fmt: str, on_gpu: bool) -> list[str | None]:
+    """The GPTQModel backends to try, in order; None leaves the choice to GPTQModel (CPU, unquantized)."""
+    backend = BACKEND_ALIASES.get(profile_backend.strip().lower(), profile_backend.strip().lower())
+    if backend != "auto":
+        return [backend]
+    if on_gpu and fmt in GPU_BACKENDS:
+        return list(GPU_BACKENDS[fmt])
+    return [None]
+
+
+def load_with_fallback(load: Callable[[str | None], T], backends: Sequence[str | None],
+                       name: str) -> tuple[T, str | None, list[str]]:
+    """`load(backend)` for each backend in turn until one works: the model, that backend, and what failed before.
+    Running out of memory (or not fitting) is not a kernel problem and is raised at once, as is the last failure."""
+    failures: list[str] = []
+    for i, backend in enumerate(backends):
+        try:
+            return load(backend), backend, failures
+        except Exception as exc:  # noqa: BLE001 - a kernel that does not build or does not fit this checkpoint
+            if i == len(backends) - 1 or isinstance(exc, EngineError) or "OutOfMemory" in type(exc).__name__:
+                if failures:
+                    raise EngineError(f"model {name!r} could not be loaded with any kernel: "
+                                      + "; ".join([*failures, f"{backend}: {_short(exc)}"])) from exc
+                raise
+            failures.append(f"{backend}: {_short(exc)}")
+            log.info("the %s kernel failed for %s (%s); loading again with %s", backend, name, _short(exc),
+                     backends[i + 1])
+            _release_gpu()
+    raise EngineError(f"model {name!r}: no backend to load it with")
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+
+
+def _release_gpu() -> None:
+    import gc
+
+    gc.collect()
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except ImportError:
+        pass
+
+
+def check_fits(name: str, weights_bytes: int, free_bytes: int, gpu: str) -> None:
+    """A clear error instead of a CPU offload GPTQModel refuses (or an out-of-memory error mid-load)."""
+    if weights_bytes * FIT_MARGIN > free_bytes:
+        raise EngineError(f"model {name!r} does not fit in {free_bytes / GIB:.1f} GiB free on {gpu}: its weights "
+                          f"are {weights_bytes / GIB:.1f} GiB; free the GPU or pick a smaller model")
+
+
+def weights_size(path: Path) -> int:
+    return sum(f.stat().st_size for pattern in ("*.safetensors", "*.bin") for f in path.glob(pattern))
+
+
+def gpu_dtype(bf16_supported: bool) -> Any:
+    """The checkpoint's dtype, but fp16 on GPUs without bf16 (pre-Ampere), where bf16 is emulated or refused."""
+    import torch
+
+    return "auto" if bf16_supported else torch.float16
+
+
+def quantization_override(path: Path, fmt: str, backend: str | None) -> Any:
+    """The checkpoint's own quantization config with `backend` set (Transformers merges it over the stored one)."""
+    if backend is None or fmt not in ("gptq", "awq"):
+        return None
+    import json
+
+    from transformers import AwqConfig, GPTQConfig
+
+    stored = dict(json.loads((path / "config.json").read_text()).get("quantization_config") or {})
+    stored["backend"] = backend
+    return (GPTQConfig if fmt == "gptq" else AwqConfig).from_dict(stored)
 
 
 class IncrementalDecoder:
@@ -96,12 +202,16 @@ class TransformersEngine(Engine):
         self.settings = settings
         self.model: Any = None
         self.tokenizer: Any = None
-        self._context_length = profile.context_length or DEFAULT_CONTEXT
+        self._context_length = context_length(profile.context_length, None, settings.max_context)
         self._eos_ids: list[int] = []
         self._special_ids: frozenset[int] = frozenset()
         self._lock = threading.Lock()
         self._decode_step: Callable[..., Any] | None = None  # model.forward, compiled or not
         self.compiled = False
+        self.compile_error: str | None = None  # why torch.compile failed at warm-up (decoding eagerly since)
+        self.backend: str | None = None  # the GPTQModel backend asked for (None: GPTQModel's choice)
+        self.backend_failures: list[str] = []
+        self.kernel_report: kernel_report.KernelReport | None = None
 
     # --- loading ---
 
@@ -119,16 +229,19 @@ class TransformersEngine(Engine):
             raise EngineError(missing_files_message(self.profile, path))
         # GPTQModel 7.6 sizes its CPU pool to (cores+1)//2 and fails on 2 cores; see bot.models.prepare.
         os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(max(2, (os.cpu_count() or 2) // 2)))
+        use_model_caches(self.settings.models_dir)
         quiet_gptqmodel()
         try:
             import torch
-            from transformers import AutoModelForCausalLM, AutoTokenizer
+            from transformers import AutoTokenizer
 
             if self.settings.torch_threads:
                 torch.set_num_threads(self.settings.torch_threads)
-            device_map = "auto" if torch.cuda.is_available() else "cpu"
+            on_gpu = torch.cuda.is_available()
             tokenizer = AutoTokenizer.from_pretrained(path)
-            model = AutoModelForCausalLM.from_pretrained(path, device_map=device_map, dtype="auto")
+            order = backend_order(self.profile.backend, self.profile.format, on_gpu)
+            model, self.backend, self.backend_failures = load_with_fallback(
+                lambda backend: self._from_pretrained(path, backend, on_gpu), order, self.name)
             model.eval()
         except EngineError:
             raise
@@ -140,14 +253,70 @@ class TransformersEngine(Engine):
             raise EngineError(f"model {self.name!r} has no chat template in {path}")
         self.tokenizer, self.model = tokenizer, model
         configured = getattr(model.config, "max_position_embeddings", None)
-        self._context_length = self.profile.context_length or configured or DEFAULT_CONTEXT
+        self._context_length = context_length(self.profile.context_length, configured, self.settings.max_context)
         self._eos_ids = self._end_of_turn_ids()
         self._special_ids = frozenset(tokenizer.all_special_ids) | frozenset(self._eos_ids)
         if model.device.type == "cpu":
-            cpu_decode_path(model)
+            cpu_decode_path(model, native=self.settings.cpu_kernels != "off")
         self._decode_step = self._compile_decode_step()
         self._warm_up()
-        log.info("loaded %s (%s) on %s, dtype %s", self.name, self.profile.format, model.device, model.dtype)
+        self.kernel_report = self.describe_kernels()
+        kernel_report.log_report(self.kernel_report)
+        log.info("loaded %s (%s) on %s, dtype %s, context %d", self.name, self.profile.format, model.device,
+                 model.dtype, self._context_length)
+
+    def _from_pretrained(self, path: Path, backend: str | None, on_gpu: bool) -> Any:
+        """One load attempt with one GPTQModel backend: a quantized model whole on GPU 0 (after checking it fits),
+        anything else on the CPU, or spread by accelerate when it is unquantized."""
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        kwargs: dict[str, Any] = {"device_map": "cpu", "dtype": "auto"}
+        if on_gpu:
+            kwargs["dtype"] = gpu_dtype(torch.cuda.is_bf16_supported())
+            if self.profile.format in ("gptq", "awq"):
+                free, _total = torch.cuda.mem_get_info(0)
+                check_fits(self.name, weights_size(path), free, torch.cuda.get_device_name(0))
+                kwargs["device_map"] = {"": 0}
+            else:
+                kwargs["device_map"] = "auto"
+        override = quantization_override(path, self.profile.format, backend)
+        if override is not None:
+            kwargs["quantization_config"] = override
+        return AutoModelForCausalLM.from_pretrained(path, **kwargs)
+
+    def describe_kernels(self) -> kernel_report.KernelReport:
+        """What the loaded model's layers run on, rated for this device (see bot.engines.kernel_report)."""
+        self._require_loaded()
+        from bot.engines import native
+
+        model = self.model
+        device = model.device.type
+        quant_config = getattr(model.config, "quantization_config", None)
+        sym = kernel_report.config_value(quant_config, "sym") if self.profile.format == "gptq" else None
+        note = None
+        if self.backend_failures:
+            note = f"backend {self.backend} ({', '.join(f.split(':')[0] for f in self.backend_failures)} failed)"
+        facts = kernel_report.LoadFacts(
+            device=device, compiled=self.compiled, compile_error=self.compile_error,
+            cpu_kernels_off=self.settings.cpu_kernels == "off", native_error=native.build_error(),
+            sym=sym, nvcc=kernel_report.nvcc_on_path() if device == "cuda" else None, backend_note=note)
+        quant = kernel_report.quant_label(self.profile.format, quant_config, model.dtype)
+        label = None
+        if device == "cuda":
+            import torch
+
+            label = f"GPU ({torch.cuda.get_device_name(model.device.index or 0)})"
+        report = kernel_report.inspect_modules(self.name, quant, model.modules(), facts, label)
+        for failure in self.backend_failures:
+            report.degrade("acceptable", f"preferred kernel failed ({failure})",
+                            kernel_report.FIX_NVCC if facts.nvcc is False else "")
+        return report
+
+    @property
+    def kernel_summary(self) -> str | None:
+        """The one-line kernel report for admins (`/model`); None before a load."""
+        return self.kernel_report.summary() if self.kernel_report else None
 
     def _warm_up(self) -> None:
         """Run the kernels once so the first person to ask does not wait for their one-time set-up."""
@@ -164,9 +333,10 @@ class TransformersEngine(Engine):
                 except EngineError as exc:
                     if not self.compiled:
                         raise
-                    # No C++ compiler, an unsupported op: the eager model is slower but just as right.
-                    log.warning("torch.compile failed for %s (%s); decoding without it", self.name,
-                                exc.__cause__ or exc)
+                    # No C++ compiler, an unsupported op: the eager model is slower but just as right (the kernel
+                    # report warns once, with the fix).
+                    self.compile_error = _short(exc.__cause__ or exc)
+                    log.info("torch.compile failed for %s (%s); decoding without it", self.name, self.compile_error)
                     self._decode_step, self.compiled = self.model.forward, False
                     from bot.engines.decode_attention import NAME as DECODE_ATTENTION
 
@@ -209,6 +379,8 @@ class TransformersEngine(Engine):
         compiled = self.compiled
         self.model = self.tokenizer = self._decode_step = None
         self.compiled = False
+        self.compile_error = None
+        self.kernel_report = None
         try:
             import gc
 

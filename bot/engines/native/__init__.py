@@ -3,7 +3,7 @@ compiled on first use with torch's C++ extension builder and cached by torch (``
 default ``~/.cache/torch_extensions``).
 
 A machine without a C++ compiler, or one where the build fails, keeps torch's kernels: :func:`kernels` then
-returns None and says why once in the log.
+returns None and :func:`build_error` says why (the engine's kernel report turns that into one load warning).
 """
 
 from __future__ import annotations
@@ -36,23 +36,37 @@ def kernels() -> Any | None:
         return _state["ops"]
 
 
-def _build() -> Any | None:
+def build_error() -> str | None:
+    """Why the last build failed (None when it did not fail or was not tried)."""
+    return _state.get("error")
+
+
+def cpu_capability() -> tuple[str, bool]:
+    """Torch's name for this CPU's vector unit, and whether our kernel's AVX2/FMA path runs on it."""
     import torch
 
     capability = torch.backends.cpu.get_cpu_capability()
+    return capability, capability in AVX2_CAPABLE
+
+
+def _build() -> Any | None:
+    import torch
+
+    capability, avx2 = cpu_capability()
     name = f"quantbot_lowbit_{capability.lower()}"
     try:
         from torch.utils.cpp_extension import load
 
         start = time.perf_counter()
         log.info("building our CPU kernels %s (once; about 15 s)", name)
-        vector_flags = AVX2_FLAGS if capability in AVX2_CAPABLE else []
+        vector_flags = AVX2_FLAGS if avx2 else []
         load(name=name, sources=[str(SOURCE)], extra_cflags=BASE_FLAGS + vector_flags,
              extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
         log.debug("CPU kernels ready in %.1f s", time.perf_counter() - start)
     except Exception as exc:  # noqa: BLE001 - no compiler, no ninja, a failed build: torch's kernels still work
-        log.warning("our CPU kernels could not be built (%s: %s); using torch's, which are slower",
-                    type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
+        first_line = str(exc).splitlines()[0] if str(exc) else ""
+        _state["error"] = f"{type(exc).__name__}: {first_line}".rstrip(": ")
+        log.info("our CPU kernels could not be built (%s); using torch's, which are slower", _state["error"])
         return None
     _register_fakes()
     return torch.ops.quantbot
