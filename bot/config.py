@@ -58,6 +58,16 @@ def embedded_profiles() -> list[ModelProfile]:
     ]
 
 
+def is_embedded(profile: ModelProfile) -> bool:
+    """One of the builds `models prepare` makes (not a MODELS_FILE profile of the same name)."""
+    return any(profile == p for p in embedded_profiles())
+
+
+def build_hint(profile: ModelProfile) -> str:
+    """How to build an embedded profile's missing files, for people told it is not ready."""
+    return f"build it with `python -m bot models prepare --only {profile.format}`, then try again."
+
+
 def _csv(value: object) -> object:
     if isinstance(value, str):
         return [v.strip() for v in value.split(",") if v.strip()]
@@ -132,6 +142,12 @@ class Settings(BaseSettings):
                 p = ModelProfile.model_validate(raw)
                 found[p.name] = p
         return found
+
+    def profile_ready(self, profile: ModelProfile) -> bool:
+        """False for an embedded build not built yet (MODELS_FILE profiles: their load says what is wrong)."""
+        from bot.models.catalog import profile_files_present
+
+        return not is_embedded(profile) or profile_files_present(profile, self.models_dir)
 
     def generation_for(self, profile: ModelProfile) -> GenerationDefaults:
         """A profile's sampling defaults with the global overrides applied."""

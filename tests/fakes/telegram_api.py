@@ -32,7 +32,7 @@ _JSON_FIELDS = {
     "chat_id", "message_id", "offset", "limit", "timeout", "allowed_updates", "reply_markup", "entities",
     "commands", "scope", "reply_parameters", "link_preview_options", "message_thread_id",
     "disable_notification", "protect_content", "drop_pending_updates", "show_alert", "cache_time",
-    "allow_sending_without_reply", "reply_to_message_id", "disable_web_page_preview",
+    "allow_sending_without_reply", "reply_to_message_id", "disable_web_page_preview", "user_id",
 }
 NOT_MODIFIED = ("Bad Request: message is not modified: specified new message content and reply markup are "
                 "exactly the same as a current content and reply markup of the message")
@@ -182,6 +182,11 @@ class FakeTelegram:
         self.flood_interval: float | None = None
         self.flood_burst = 3
         self._buckets: dict[int, tuple[float, float]] = {}
+        self.member_status: dict[tuple[int, int], str] = {}  # (chat, user) -> getChatMember status
+
+    def set_member_status(self, chat_id: int, user_id: int, status: str) -> None:
+        """`creator`, `administrator`, `member`, `restricted`, `left` or `kicked` in a group."""
+        self.member_status[(chat_id, user_id)] = status
 
     # --- lifecycle ---
     @property
@@ -482,6 +487,29 @@ class FakeTelegram:
         m.edits += 1
         m.history.append(text)
         return self._message_json(m)
+
+    async def _m_getchatmember(self, params: dict[str, Any]) -> Any:
+        """A ChatMember object: ChatMemberOwner / Administrator / Member / Left (Bot API 7+ shapes)."""
+        chat = self._chat(params.get("chat_id"))
+        try:
+            user_id = int(params.get("user_id") or 0)
+        except (TypeError, ValueError):
+            raise bad_request("invalid user_id specified") from None
+        if chat["type"] == "private":
+            status = "member" if user_id in (chat["id"], BOT_ID) else "left"
+        else:
+            status = self.member_status.get((chat["id"], user_id), "member")
+        user = self.bot_user if user_id == BOT_ID else {"id": user_id, "is_bot": False, "first_name": "User"}
+        member: dict[str, Any] = {"status": status, "user": user}
+        if status == "creator":
+            member["is_anonymous"] = False
+        elif status == "administrator":
+            member.update({"can_be_edited": False, "is_anonymous": False, "can_manage_chat": True,
+                           "can_delete_messages": True, "can_manage_video_chats": True,
+                           "can_restrict_members": True, "can_promote_members": False, "can_change_info": True,
+                           "can_invite_users": True, "can_post_stories": False, "can_edit_stories": False,
+                           "can_delete_stories": False})
+        return member
 
     async def _m_deletemessage(self, params: dict[str, Any]) -> Any:
         chat = self._chat(params.get("chat_id"))

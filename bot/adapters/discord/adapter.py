@@ -24,12 +24,13 @@ import discord
 from discord import app_commands
 
 from bot.adapters.delivery import handle_reply
-from bot.adapters.discord.access import judge
+from bot.adapters.discord.access import judge, manages_messages
 from bot.adapters.discord.commands import build_tree
 from bot.adapters.discord.ops import INTERACTION_TOKEN_TTL_S, ChannelOps, InteractionOps
 from bot.adapters.discord.sink import DiscordSink
 from bot.adapters.streaming import Pacer, StreamingMessage
 from bot.config import Settings
+from bot.core.access import AccessPolicy
 from bot.core.messages import IncomingMessage
 from bot.core.service import ChatService
 from bot.errors import BotError
@@ -89,6 +90,7 @@ class DiscordAdapter:
                  guild_ready_timeout_s: float = GUILD_READY_TIMEOUT_S, stop_grace_s: float = STOP_GRACE_S) -> None:
         self.settings = settings
         self.service = service
+        self.policy = AccessPolicy(settings)
         self.guild_ready_timeout_s = guild_ready_timeout_s
         self.stop_grace_s = stop_grace_s
         self.token_ttl_s = INTERACTION_TOKEN_TTL_S
@@ -203,8 +205,9 @@ class DiscordAdapter:
     async def run_interaction(self, interaction: discord.Interaction, text: str, *, private: bool) -> None:
         """Acknowledge at once (deferred), then let the service answer by editing the response."""
         in_guild = interaction.guild_id is not None
-        access = judge(self.settings, interaction.user, interaction.channel, in_guild)
-        if not access.channel_ok:
+        assert self.client is not None
+        access = await judge(self.policy, self.client, interaction.user, interaction.channel, in_guild)
+        if not access.place_ok:
             await interaction.response.send_message(NOT_HERE, ephemeral=True)
             return
         ephemeral = private or not access.allowed
@@ -220,7 +223,8 @@ class DiscordAdapter:
         user = interaction.user
         msg = IncomingMessage(platform=PLATFORM, chat_id=str(interaction.channel_id), user_id=str(user.id),
                               user_name=user.display_name, text=text, is_allowed=access.allowed,
-                              is_admin=access.admin)
+                              is_admin=access.admin, is_group=in_guild,
+                              is_chat_admin=in_guild and interaction.permissions.manage_messages)
         await self._handle(msg, sink)
 
     async def command_failed(self, interaction: discord.Interaction, error: app_commands.AppCommandError) -> None:
@@ -269,8 +273,9 @@ class DiscordAdapter:
         if in_guild and not message.content:
             log.warning("Discord: a reply to the bot arrived without text; is the MESSAGE_CONTENT intent on?")
             return
-        access = judge(self.settings, message.author, message.channel, in_guild)
-        if not access.channel_ok:
+        assert self.client is not None
+        access = await judge(self.policy, self.client, message.author, message.channel, in_guild)
+        if not access.place_ok:
             log.info("Discord: ignoring a message in channel %s (not in DISCORD_ALLOWED_CHANNELS)",
                      message.channel.id)
             return
@@ -290,5 +295,6 @@ class DiscordAdapter:
         sink = DiscordSink(stream, on_started=typing)
         msg = IncomingMessage(platform=PLATFORM, chat_id=str(message.channel.id), user_id=str(message.author.id),
                               user_name=message.author.display_name, text=text, is_allowed=access.allowed,
-                              is_admin=access.admin)
+                              is_admin=access.admin, is_group=in_guild,
+                              is_chat_admin=manages_messages(message.channel, message.author))
         await self._handle(msg, sink)
