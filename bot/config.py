@@ -7,7 +7,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, Field, SecretStr, field_validator
+from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 ModelFormat = Literal["gptq", "awq", "gguf", "hf", "openai"]
@@ -66,6 +66,42 @@ def is_embedded(profile: ModelProfile) -> bool:
 def build_hint(profile: ModelProfile) -> str:
     """How to build an embedded profile's missing files, for people told it is not ready."""
     return f"build it with `python -m bot models prepare --only {profile.format}`, then try again."
+
+
+def read_profiles(path: Path) -> list[ModelProfile]:
+    """A MODELS_FILE's profiles; a mistake is one BotError line naming the file and the field.
+
+    Pydantic's own message quotes the offending values (an API key among them), so only the
+    field's location and what was expected are kept.
+    """
+    from bot.errors import BotError
+    from bot.logs import register_secret
+
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise BotError(f"MODELS_FILE {path}: cannot read it ({exc.strerror})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        where = f"line {exc.lineno}, column {exc.colno}: {exc.msg}" if isinstance(exc, json.JSONDecodeError) else \
+            "not UTF-8 text"
+        raise BotError(f"MODELS_FILE {path}: not valid JSON ({where})") from None
+    if not isinstance(raw, list):
+        raise BotError(f"MODELS_FILE {path}: should be a JSON list of model profiles, like "
+                       '[{"name": "my-model", "format": "gptq", "path": "..."}]')
+    profiles = []
+    for i, entry in enumerate(raw, 1):
+        try:
+            profile = ModelProfile.model_validate(entry)
+        except ValidationError as exc:
+            error = exc.errors(include_input=False, include_url=False)[0]
+            field = ".".join(str(part) for part in error["loc"]) or "(the whole entry)"
+            name = entry.get("name") if isinstance(entry, dict) else None
+            label = f"profile {i}" + (f" ({name!r})" if isinstance(name, str) and len(name) <= 64 else "")
+            raise BotError(f"MODELS_FILE {path}: {label}, field {field!r}: {error['msg']}") from None
+        if profile.api_key is not None:
+            register_secret(profile.api_key.get_secret_value())
+        profiles.append(profile)
+    return profiles
 
 
 def _csv(value: object) -> object:
@@ -138,8 +174,7 @@ class Settings(BaseSettings):
         found = {p.name: p for p in embedded_profiles()} if self.include_embedded_models else {}
         models_file = self.profiles_file
         if models_file.exists():
-            for raw in json.loads(models_file.read_text()):
-                p = ModelProfile.model_validate(raw)
+            for p in read_profiles(models_file):
                 found[p.name] = p
         return found
 
