@@ -133,6 +133,7 @@ class Settings(BaseSettings):
     system_prompt: str = "You are a helpful, concise assistant."
     queue_max: int = 32  # waiting requests across all chats; more get "busy, try again"
     reply_timeout_s: float = 300.0
+    delivery_retry_s: float = 300.0  # how long a reply that cannot reach the chat (network, 5xx) is retried
     log_level: str = "WARNING"
     log_json: bool = False
 

@@ -43,14 +43,19 @@ def utf16_len(text: str) -> int:
 
 
 class ApiError(Exception):
-    def __init__(self, code: int, description: str, retry_after: int | None = None) -> None:
+    def __init__(self, code: int, description: str, retry_after: int | None = None,
+                 parameters: dict[str, Any] | None = None) -> None:
         super().__init__(description)
         self.code, self.description, self.retry_after = code, description, retry_after
+        self.parameters = dict(parameters or {})
+        if retry_after is not None:
+            self.parameters["retry_after"] = retry_after
 
     def body(self) -> dict[str, Any]:
+        """The error envelope; `parameters` is Telegram's ResponseParameters (retry_after, migrate_to_chat_id)."""
         out: dict[str, Any] = {"ok": False, "error_code": self.code, "description": self.description}
-        if self.retry_after is not None:
-            out["parameters"] = {"retry_after": self.retry_after}
+        if self.parameters:
+            out["parameters"] = self.parameters
         return out
 
 
@@ -183,6 +188,18 @@ class FakeTelegram:
         self.flood_burst = 3
         self._buckets: dict[int, tuple[float, float]] = {}
         self.member_status: dict[tuple[int, int], str] = {}  # (chat, user) -> getChatMember status
+        self.migrated: dict[int, int] = {}  # group id -> the supergroup it became
+        self.chats: dict[int, dict[str, Any]] = {}  # chats known without a message in them (a new supergroup)
+
+    def migrate_group(self, group_id: int, supergroup_id: int) -> dict[str, Any]:
+        """The group is upgraded to a supergroup: calls naming the old id get 400 with migrate_to_chat_id."""
+        self.migrated[group_id] = supergroup_id
+        self.chats[supergroup_id] = {"id": supergroup_id, "type": "supergroup", "title": "Upgraded"}
+        return self.chats[supergroup_id]
+
+    def heal(self) -> None:
+        """Forget every injected failure still pending (the outage is over)."""
+        self._injected.clear()
 
     def set_member_status(self, chat_id: int, user_id: int, status: str) -> None:
         """`creator`, `administrator`, `member`, `restricted`, `left` or `kicked` in a group."""
@@ -381,6 +398,11 @@ class FakeTelegram:
             cid = int(chat_id)
         except (TypeError, ValueError):
             raise bad_request("chat not found") from None
+        if cid in self.migrated:
+            raise ApiError(400, "Bad Request: group chat was upgraded to a supergroup chat",
+                           parameters={"migrate_to_chat_id": self.migrated[cid]})
+        if cid in self.chats:
+            return self.chats[cid]
         for (c, _), m in self.messages.items():
             if c == cid:
                 return m.chat

@@ -219,7 +219,7 @@ class DiscordAdapter:
             return
         ops = InteractionOps(interaction, ephemeral=ephemeral, token_ttl_s=self.token_ttl_s)
         pacer = Pacer(self.settings.discord_edit_interval_s) if ephemeral else self._pacer(interaction.channel_id or 0)
-        sink = DiscordSink(StreamingMessage(ops, pacer))
+        sink = DiscordSink(StreamingMessage(ops, pacer, self.settings.delivery_retry_s))
         user = interaction.user
         msg = IncomingMessage(platform=PLATFORM, chat_id=str(interaction.channel_id), user_id=str(user.id),
                               user_name=user.display_name, text=text, is_allowed=access.allowed,
@@ -291,7 +291,7 @@ class DiscordAdapter:
             except discord.HTTPException:
                 pass
 
-        stream = StreamingMessage(ChannelOps(message), self._pacer(message.channel.id))
+        stream = StreamingMessage(ChannelOps(message), self._pacer(message.channel.id), self.settings.delivery_retry_s)
         sink = DiscordSink(stream, on_started=typing)
         msg = IncomingMessage(platform=PLATFORM, chat_id=str(message.channel.id), user_id=str(message.author.id),
                               user_name=message.author.display_name, text=text, is_allowed=access.allowed,

@@ -188,7 +188,8 @@ class TelegramAdapter:
         reply_to = message.message_id if chat.type != ChatType.PRIVATE else None
         ops = TelegramOps(self.app.bot, chat.id, thread, reply_to, keyboard)
         return TelegramSink(ops, self._pacer(chat.id, chat.type),
-                            Typing(self.app.bot, chat.id, thread) if typing else None)
+                            Typing(self.app.bot, chat.id, thread) if typing else None,
+                            give_up_s=self.settings.delivery_retry_s)
 
     def _model_keyboard(self) -> InlineKeyboardMarkup:
         current = self.service.current_model
