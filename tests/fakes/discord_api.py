@@ -368,6 +368,12 @@ class FakeDiscord:
         for ws in list(self._sockets):
             await self._dispatch_on(ws._fake_send, event, data)  # type: ignore[attr-defined]
 
+    async def close_gateway(self, code: int, reason: str = "") -> None:
+        """Discord ends every gateway connection with this close code (4004: the token was reset)."""
+        for ws in list(self._sockets):
+            self._sockets.remove(ws)
+            await ws.close(code=code, message=reason.encode())
+
     def _intents(self) -> int:
         return int((self.identify or {}).get("intents", 0))
 

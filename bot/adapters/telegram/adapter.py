@@ -12,7 +12,7 @@ from telegram.constants import ChatType, MessageEntityType
 from telegram.error import InvalidToken, NetworkError, TelegramError
 from telegram.ext import AIORateLimiter, Application, CallbackQueryHandler, ContextTypes, MessageHandler, filters
 
-from bot.adapters.delivery import handle_reply
+from bot.adapters.delivery import handle_reply, started
 from bot.adapters.streaming import Pacer
 from bot.adapters.telegram.sink import TelegramOps, TelegramSink, Typing
 from bot.core.access import AccessPolicy, Verdict, wants_chat_admin_fact
@@ -53,12 +53,15 @@ class TelegramAdapter:
     """`await start()` begins polling (non-blocking); `await stop()` shuts down gracefully."""
 
     def __init__(self, settings: Settings, service: ChatService, *, poll_timeout: float = POLL_TIMEOUT_S,
-                 stop_grace: float = STOP_GRACE_S) -> None:
+                 stop_grace: float = STOP_GRACE_S, service_ready: asyncio.Event | None = None) -> None:
+        """`service_ready`: set once the service has started (messages wait for it); None: started already."""
         if settings.telegram_bot_token is None:
             raise BotError("TELEGRAM_BOT_TOKEN is not set")
         self.settings = settings
         self.service = service
         self.policy = AccessPolicy(settings)
+        self.service_ready = service_ready or started()
+        self.failed = asyncio.Event()  # set when Telegram refuses the token while running: the process should exit
         self.poll_timeout = poll_timeout
         self.stop_grace = stop_grace
         self.username = ""
@@ -253,7 +256,8 @@ class TelegramAdapter:
     async def _run(self, message: Message, incoming: IncomingMessage, sink: TelegramSink) -> None:
         if sink.typing:
             sink.typing.start()
-        await handle_reply(self.service, incoming, sink, log=log, label="telegram", something_wrong=SOMETHING_WRONG)
+        await handle_reply(self.service, incoming, sink, log=log, label="telegram", something_wrong=SOMETHING_WRONG,
+                           ready=self.service_ready)
 
     async def _on_button(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
         query = update.callback_query
@@ -275,6 +279,9 @@ class TelegramAdapter:
     async def _on_error(self, update: object, context: ContextTypes.DEFAULT_TYPE) -> None:
         log.error("telegram: unhandled error: %s", context.error)
 
-    @staticmethod
-    def _on_poll_error(exc: TelegramError) -> None:
+    def _on_poll_error(self, exc: TelegramError) -> None:
+        if isinstance(exc, InvalidToken):  # revoked while running: no retry can help
+            log.error("telegram: the bot token was refused while running; check TELEGRAM_BOT_TOKEN")
+            self.failed.set()
+            return
         log.warning("telegram: polling failed, retrying: %s", exc)
