@@ -85,9 +85,8 @@ class AccessPolicy:
             place_ok = user_id in self.users or admin
         allowed = (admin or not self._listed or user_id in self.users or bool(frozenset(role_ids) & self.roles)
                    or bool(chats & self.chats))
-        if not shared:  # refused DMs get a polite answer, not silence
-            return Verdict(place_ok=True, allowed=place_ok and allowed, admin=admin)
-        return Verdict(place_ok=place_ok, allowed=place_ok and allowed, admin=admin)
+        # A DM outside the places is refused politely (it is the person's own chat), not with silence.
+        return Verdict(place_ok=place_ok or not shared, allowed=place_ok and allowed, admin=admin)
 
 
 # --- decisions the service asks for -----------------------------------------------------------

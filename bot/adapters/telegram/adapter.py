@@ -246,8 +246,8 @@ class TelegramAdapter:
         keyboard = None
         if command == ("model", "") and access.admin:  # buttons only for those who may switch
             keyboard = self._model_keyboard()
-        chat_admin = bool(command) and wants_chat_admin_fact(command[0]) and await self._is_chat_admin(
-            message, user.id)
+        chat_admin = (command is not None and wants_chat_admin_fact(command[0])
+                      and await self._is_chat_admin(message, user.id))
         incoming = IncomingMessage("telegram", self._chat_key(message), str(user.id), user.full_name, text,
                                    is_allowed=True, is_admin=access.admin, is_group=not private,
                                    is_chat_admin=chat_admin)
