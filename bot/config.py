@@ -185,6 +185,10 @@ class Settings(BaseSettings):
 
         return not is_embedded(profile) or profile_files_present(profile, self.models_dir)
 
+    def not_ready(self) -> frozenset[str]:
+        """Names of the embedded builds not built yet (shown as such, refused by /model)."""
+        return frozenset(n for n, p in self.profiles.items() if not self.profile_ready(p))
+
     def generation_for(self, profile: ModelProfile) -> GenerationDefaults:
         """A profile's sampling defaults with the global overrides applied."""
         overrides = {

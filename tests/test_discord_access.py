@@ -23,6 +23,19 @@ async def test_without_admin_users_nobody_switches_the_model(discord_world) -> N
         assert w.service.current_model == "toy-a"
 
 
+async def test_unbuilt_embedded_builds_are_offered_as_not_ready_and_refused(discord_world, tmp_path) -> None:  # noqa: F811
+    empty = tmp_path / "no-builds"
+    empty.mkdir()
+    async with discord_world(include_embedded_models=True, models_dir=empty,
+                             settings=lambda ids: {"admin_users": ids["alice"]["id"]}) as w:
+        typed = await w.fake.interact("model", w.alice, w.channel, {"name": "smollm2-g"}, focused="name")
+        await w.fake.wait_for(lambda: typed.choices is not None)
+        assert {c["name"] for c in typed.choices} == {"smollm2-gptq (not ready)", "smollm2-gguf (not ready)"}
+        refused = await w.command("model", {"name": "smollm2-gguf"})
+        assert "python -m bot models prepare --only gguf" in refused.content
+        assert w.service.current_model == "toy-a"
+
+
 async def test_in_a_channel_reset_needs_manage_messages(discord_world) -> None:  # noqa: F811
     async with discord_world() as w:
         await w.chat("remember apples")

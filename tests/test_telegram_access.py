@@ -44,6 +44,9 @@ async def test_an_embedded_build_not_built_is_not_ready_and_cannot_be_switched_t
         assert "smollm2-awq" in listing
         assert all("(not ready)" in line for line in listing.splitlines() if line.strip().startswith("smollm2"))
         assert "(not ready)" not in next(line for line in listing.splitlines() if "toy-b" in line)
+        (keyboard,) = [m.reply_markup for m in fake.bot_messages(ALICE) if m.reply_markup]
+        labels = [b["text"] for row in keyboard["inline_keyboard"] for b in row]
+        assert "smollm2-awq (not ready)" in labels and "toy-b" in labels
         await fake.user_says("/model smollm2-awq")
         refusal = await wait_contains(fake, ALICE, "smollm2-awq is not ready")
         assert "python -m bot models prepare --only awq" in refusal

@@ -196,7 +196,9 @@ class TelegramAdapter:
 
     def _model_keyboard(self) -> InlineKeyboardMarkup:
         current = self.service.current_model
-        return InlineKeyboardMarkup([[InlineKeyboardButton(("✅ " if name == current else "") + name,
+        not_ready = self.settings.not_ready()
+        return InlineKeyboardMarkup([[InlineKeyboardButton(("✅ " if name == current else "") + name
+                                                           + (" (not ready)" if name in not_ready else ""),
                                                            callback_data=f"{MODEL_BUTTON_PREFIX}{name}")]
                                      for name in self.service.model_names()])
 
