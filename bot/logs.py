@@ -74,6 +74,9 @@ class RedactingFilter(logging.Filter):
             record.exc_text = redact(record.exc_text)
         if record.stack_info:
             record.stack_info = redact(record.stack_info)
+        fields = getattr(record, "fields", None)
+        if isinstance(fields, dict):  # structured extras that JsonFormatter prints
+            record.fields = {k: redact(v) if isinstance(v, str) else v for k, v in fields.items()}
         return True
 
 
