@@ -76,7 +76,7 @@ async def test_a_role_name_grants_nothing_only_its_id_does(discord_world, caplog
         assert (await w.chat("hi")).content == NOT_ALLOWED  # anyone can name a role "chatters"
         assert any("not a role id" in r.getMessage() for r in caplog.records)
     async with discord_world(settings=lambda ids: {"discord_allowed_roles": chatters_id(ids)}) as w:
-        assert (await w.chat("hi")).content == "You said: hi (turn 1)"
+        assert (await w.chat("hi")).content.endswith("hi (turn 1)")  # (channel replies may name the speaker)
 
 
 async def test_dms_follow_the_role_allowlist(discord_world) -> None:  # noqa: F811
@@ -91,7 +91,7 @@ async def test_dms_follow_the_role_allowlist(discord_world) -> None:  # noqa: F8
 
 async def test_dms_respect_the_allowed_channels(discord_world) -> None:  # noqa: F811
     async with discord_world(settings=lambda ids: {"discord_allowed_channels": ids["channel"]["id"]}) as w:
-        assert (await w.chat("hi", user=w.bob)).content == "You said: hi (turn 1)"
+        assert (await w.chat("hi", user=w.bob)).content.endswith("hi (turn 1)")
         bob_dm = w.fake.add_dm(w.bob)
         await w.say("and here?", user=w.bob, channel=bob_dm)  # the bot works in #general only
         assert [m["content"] for m in w.fake.bot_messages(bob_dm)] == [NOT_ALLOWED]

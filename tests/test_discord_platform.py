@@ -69,7 +69,7 @@ async def test_people_who_write_while_the_model_loads_are_answered(tmp_path: Pat
         inter = await fake.interact("chat", bob, channel, {"prompt": "early bird"})
         await fake.user_message(dm, bob, "hello?")
         await fake.wait_for(lambda: inter.ack_type == 5 and LOADING in inter.original_edits, timeout=5)
-        await fake.wait_for(lambda: inter.content == "You said: early bird (turn 1)", timeout=20)
+        await fake.wait_for(lambda: inter.content.endswith("early bird (turn 1)"), timeout=20)
         await fake.wait_for(lambda: any(m["content"] == "You said: hello? (turn 1)" for m in fake.bot_messages(dm)),
                             timeout=20)
         stop.set()
@@ -94,5 +94,5 @@ async def test_an_ordinary_gateway_drop_is_reconnected(discord_world) -> None:  
     async with discord_world() as w:
         await w.fake.close_gateway(4000, "Unknown error")
         await w.fake.wait_for(lambda: bool(w.fake._sockets), timeout=20)  # back (resumed)
-        assert (await w.chat("still there?")).content == "You said: still there? (turn 1)"
+        assert (await w.chat("still there?")).content.endswith("still there? (turn 1)")
         assert not w.adapter.failed.is_set()

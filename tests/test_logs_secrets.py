@@ -73,7 +73,7 @@ async def test_discord_at_debug_logs_no_bot_or_interaction_token(discord_world, 
     async with discord_world() as w:
         read = debug_log(w.service.settings)
         inter = await w.chat(SECRET_PHRASE)
-        assert inter.content == f"You said: {SECRET_PHRASE} (turn 1)"
+        assert inter.content.endswith(f"{SECRET_PHRASE} (turn 1)")
         await w.say(f"{w.fake.mention()} {SECRET_PHRASE}")
     records = read()
     assert any(r["logger"].startswith("discord.webhook") for r in records)  # the calls were logged...

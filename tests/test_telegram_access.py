@@ -87,7 +87,7 @@ async def test_in_a_group_stop_stops_your_own_reply_but_not_someone_elses(make_t
     async with running_bot(make_toy_service, delay_s=0.05) as (fake, service):
         group = fake.group_chat(GROUP, "Friends")
         await fake.user_says(f"@quant_test_bot {LONG}", chat=group)
-        await wait_contains(fake, GROUP, "You said: w0")
+        await wait_contains(fake, GROUP, "w0 w1")
         await fake.user_says("/stop", chat=group, user_id=BOB, name="Bob")
         await wait_contains(fake, GROUP, "answers someone else")
         assert service.queue.is_running(f"telegram:{GROUP}")  # still going
