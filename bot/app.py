@@ -16,52 +16,83 @@ log = logging.getLogger(__name__)
 
 
 class Adapter(Protocol):
+    failed: asyncio.Event  # set when the platform will not have the bot back: the process exits non-zero
+
     async def start(self) -> None: ...
 
     async def stop(self) -> None: ...
 
 
-def configured_adapters(settings: Settings, service: ChatService) -> dict[str, Adapter]:
+def configured_adapters(settings: Settings, service: ChatService,
+                        service_ready: asyncio.Event | None = None) -> dict[str, Adapter]:
     adapters: dict[str, Adapter] = {}
     if settings.telegram_bot_token:
         from bot.adapters.telegram import TelegramAdapter
 
-        adapters["telegram"] = TelegramAdapter(settings, service)
+        adapters["telegram"] = TelegramAdapter(settings, service, service_ready=service_ready)
     if settings.discord_bot_token:
         from bot.adapters.discord import DiscordAdapter
 
-        adapters["discord"] = DiscordAdapter(settings, service)
+        adapters["discord"] = DiscordAdapter(settings, service, service_ready=service_ready)
     return adapters
 
 
-async def run(settings: Settings, stop: asyncio.Event | None = None) -> None:
-    """Serve until SIGINT/SIGTERM (or `stop` is set); replies in progress finish or are marked."""
+async def run(settings: Settings, stop: asyncio.Event | None = None, service: ChatService | None = None) -> int:
+    """Serve until SIGINT/SIGTERM (or `stop` is set); replies in progress finish or are marked.
+
+    The adapters connect first and the model loads after, so whoever writes during the load is
+    told to wait and then answered (Discord would drop interactions nobody acknowledges, and
+    messages sent while the bot is offline). Returns the exit code: 1 when an adapter lost its
+    platform for good.
+    """
     announce_loading(settings)
-    async with ChatService(settings) as service:
-        adapters = configured_adapters(settings, service)
-        if not adapters:
+    service = service or ChatService(settings)
+    service_ready = asyncio.Event()
+    adapters = configured_adapters(settings, service, service_ready)
+    if not adapters:
+        async with service:
             await chat_loop(service)
-            return
-        stop = stop or asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
-                loop.add_signal_handler(sig, stop.set)
-            except (NotImplementedError, RuntimeError):
-                pass
+        return 0
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            loop.add_signal_handler(sig, stop.set)
+        except (NotImplementedError, RuntimeError):
+            pass
+    started: list[Adapter] = []
+    try:
         for adapter in adapters.values():
             await adapter.start()
+            started.append(adapter)
+        await service.start()
+        service_ready.set()
         print(f"quantbot running on {', '.join(adapters)} with {service.current_model}; Ctrl-C to stop",
               flush=True)
-        await stop.wait()
+        lost = await _until_stopped(stop, adapters)
+    finally:
         log.warning("stopping")
-        for adapter in adapters.values():
+        for adapter in started:
             try:
                 await adapter.stop()
             except Exception:  # noqa: BLE001 - stop the others and the service regardless
                 log.exception("adapter failed to stop cleanly")
+        await service.close()
+    if lost:
+        log.error("stopped because %s lost its connection for good", " and ".join(lost))
+        return 1
+    return 0
+
+
+async def _until_stopped(stop: asyncio.Event, adapters: dict[str, Adapter]) -> list[str]:
+    """Wait for `stop` or for an adapter to fail; the names of those that failed."""
+    waits = {asyncio.create_task(stop.wait()): ""}
+    waits.update({asyncio.create_task(a.failed.wait()): name for name, a in adapters.items()})
+    _, pending = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    for task in pending:
+        task.cancel()
+    return [name for name, a in adapters.items() if a.failed.is_set()]
 
 
 def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
-    asyncio.run(run(settings))
-    return 0
+    return asyncio.run(run(settings))

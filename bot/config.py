@@ -7,7 +7,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import AliasChoices, BaseModel, Field, SecretStr, field_validator
+from pydantic import AliasChoices, BaseModel, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 ModelFormat = Literal["gptq", "awq", "gguf", "hf", "openai"]
@@ -60,6 +60,52 @@ def embedded_profiles() -> list[ModelProfile]:
     ]
 
 
+def is_embedded(profile: ModelProfile) -> bool:
+    """One of the builds `models prepare` makes (not a MODELS_FILE profile of the same name)."""
+    return any(profile == p for p in embedded_profiles())
+
+
+def build_hint(profile: ModelProfile) -> str:
+    """How to build an embedded profile's missing files, for people told it is not ready."""
+    return f"build it with `python -m bot models prepare --only {profile.format}`, then try again."
+
+
+def read_profiles(path: Path) -> list[ModelProfile]:
+    """A MODELS_FILE's profiles; a mistake is one BotError line naming the file and the field.
+
+    Pydantic's own message quotes the offending values (an API key among them), so only the
+    field's location and what was expected are kept.
+    """
+    from bot.errors import BotError
+    from bot.logs import register_secret
+
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise BotError(f"MODELS_FILE {path}: cannot read it ({exc.strerror})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        where = f"line {exc.lineno}, column {exc.colno}: {exc.msg}" if isinstance(exc, json.JSONDecodeError) else \
+            "not UTF-8 text"
+        raise BotError(f"MODELS_FILE {path}: not valid JSON ({where})") from None
+    if not isinstance(raw, list):
+        raise BotError(f"MODELS_FILE {path}: should be a JSON list of model profiles, like "
+                       '[{"name": "my-model", "format": "gptq", "path": "..."}]')
+    profiles = []
+    for i, entry in enumerate(raw, 1):
+        try:
+            profile = ModelProfile.model_validate(entry)
+        except ValidationError as exc:
+            error = exc.errors(include_input=False, include_url=False)[0]
+            field = ".".join(str(part) for part in error["loc"]) or "(the whole entry)"
+            name = entry.get("name") if isinstance(entry, dict) else None
+            label = f"profile {i}" + (f" ({name!r})" if isinstance(name, str) and len(name) <= 64 else "")
+            raise BotError(f"MODELS_FILE {path}: {label}, field {field!r}: {error['msg']}") from None
+        if profile.api_key is not None:
+            register_secret(profile.api_key.get_secret_value())
+        profiles.append(profile)
+    return profiles
+
+
 def _csv(value: object) -> object:
     if isinstance(value, str):
         return [v.strip() for v in value.split(",") if v.strip()]
@@ -96,6 +142,7 @@ class Settings(BaseSettings):
     user_max_waiting: int = 1  # waiting requests (replies, model switches) per user across all their chats
     user_max_running: int = 1  # replies generating at once per user (matters when the engine runs several)
     partial_save_s: float = 3.0  # a streaming reply's text so far is stored this often (survives kill -9)
+    delivery_retry_s: float = 300.0  # how long a reply that cannot reach the chat (network, 5xx) is retried
     log_level: str = "WARNING"
     log_json: bool = False
 
@@ -137,10 +184,19 @@ class Settings(BaseSettings):
         found = {p.name: p for p in embedded_profiles()} if self.include_embedded_models else {}
         models_file = self.profiles_file
         if models_file.exists():
-            for raw in json.loads(models_file.read_text()):
-                p = ModelProfile.model_validate(raw)
+            for p in read_profiles(models_file):
                 found[p.name] = p
         return found
+
+    def profile_ready(self, profile: ModelProfile) -> bool:
+        """False for an embedded build not built yet (MODELS_FILE profiles: their load says what is wrong)."""
+        from bot.models.catalog import profile_files_present
+
+        return not is_embedded(profile) or profile_files_present(profile, self.models_dir)
+
+    def not_ready(self) -> frozenset[str]:
+        """Names of the embedded builds not built yet (shown as such, refused by /model)."""
+        return frozenset(n for n, p in self.profiles.items() if not self.profile_ready(p))
 
     def generation_for(self, profile: ModelProfile) -> GenerationDefaults:
         """A profile's sampling defaults with the global overrides applied."""

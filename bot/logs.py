@@ -1,4 +1,9 @@
-"""Quiet, structured logging that never prints a bot token."""
+"""Quiet, structured logging that never prints a secret.
+
+Every record our handler emits passes `RedactingFilter`: the bot tokens, the database password and
+profiles' API keys (registered as they are read) are replaced, and so is anything shaped like a
+token (Discord interaction tokens, the token in a Telegram API URL, `token=` / `password:` fields).
+"""
 
 from __future__ import annotations
 
@@ -10,35 +15,68 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from bot.config import Settings
 
-# Telegram tokens look like 123456:ABC-...; Discord tokens are three dot-separated base64 parts.
+REDACTED = "[REDACTED]"
+# Secrets by their shape, for the ones never configured (Discord interaction tokens) or not yet registered.
 _TOKEN_PATTERNS = [
-    re.compile(r"\d{5,}:[A-Za-z0-9_-]{20,}"),
-    re.compile(r"[A-Za-z0-9_-]{20,}\.[A-Za-z0-9_-]{5,}\.[A-Za-z0-9_-]{20,}"),
+    re.compile(r"\d{5,}:[A-Za-z0-9_-]{20,}"),  # Telegram bot token (also inside .../bot<token>/getMe URLs)
+    re.compile(r"[A-Za-z0-9_-]{20,}\.[A-Za-z0-9_-]{5,}\.[A-Za-z0-9_-]{20,}"),  # Discord bot token
+    re.compile(r"aW50ZXJhY3Rpb246[A-Za-z0-9_.-]+"),  # Discord interaction token: base64 of "interaction:"
+]
+# Secrets by where they stand: the token segment of Discord webhook / interaction URLs, a URL's
+# password, and the value of token / password / api key / authorization fields in reprs and JSON.
+_PLACED_PATTERNS = [
+    re.compile(r"(/(?:webhooks|interactions)/\d+/)[^/\s?'\"]+"),
+    re.compile(r"(\b[a-z][a-z0-9+.-]*://[^:/@\s]*:)[^@\s/]+(?=@)", re.IGNORECASE),
+    re.compile(r"""(['"]?\b(?:token|password|passwd|api_key|apikey|secret|authorization)['"]?\s*[:=]\s*['"]?)"""
+               r"""(?:Bot |Bearer )?[^'"\s,}&]+""", re.IGNORECASE),
+    re.compile(r"((?:Bot|Bearer) )[A-Za-z0-9_.-]{16,}"),
 ]
 _secrets: set[str] = set()
 
 
 def register_secret(value: str | None) -> None:
     """Redact this exact string from every log record from now on."""
-    if value:
+    if value and len(value) >= 4:  # shorter ones would blank ordinary words
         _secrets.add(value)
 
 
+def database_password(url: str) -> str | None:
+    """The password in a DATABASE_URL, if it has one."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        return make_url(url).password
+    except ArgumentError:
+        return None
+
+
 def redact(text: str) -> str:
-    for secret in _secrets:
-        text = text.replace(secret, "[REDACTED]")
+    for secret in sorted(_secrets, key=len, reverse=True):
+        text = text.replace(secret, REDACTED)
     for pattern in _TOKEN_PATTERNS:
-        text = pattern.sub("[REDACTED]", text)
+        text = pattern.sub(REDACTED, text)
+    for pattern in _PLACED_PATTERNS:
+        text = pattern.sub(lambda m: m.group(1) + REDACTED, text)
     return text
 
 
 class RedactingFilter(logging.Filter):
+    """Renders each record once and removes secrets from its message, traceback and stack."""
+
     def filter(self, record: logging.LogRecord) -> bool:
         record.msg = redact(record.getMessage())
         record.args = None
         if record.exc_info and record.exc_info[1] is not None:
             record.exc_text = redact(logging.Formatter().formatException(record.exc_info))
             record.exc_info = None
+        elif record.exc_text:
+            record.exc_text = redact(record.exc_text)
+        if record.stack_info:
+            record.stack_info = redact(record.stack_info)
+        fields = getattr(record, "fields", None)
+        if isinstance(fields, dict):  # structured extras that JsonFormatter prints
+            record.fields = {k: redact(v) if isinstance(v, str) else v for k, v in fields.items()}
         return True
 
 
@@ -67,3 +105,4 @@ def setup_logging(settings: Settings, verbose: bool = False) -> None:
         logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
     for token in (settings.telegram_bot_token, settings.discord_bot_token):
         register_secret(token.get_secret_value() if token else None)
+    register_secret(database_password(settings.database_url))  # profiles' API keys: when they are read

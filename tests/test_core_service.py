@@ -188,7 +188,7 @@ async def test_model_switch_is_a_barrier(make_toy_service):
 
 
 async def test_model_list_and_unknown_and_admin_only(make_toy_service):
-    async with make_toy_service() as service:
+    async with make_toy_service(admin_users=["root"]) as service:
         listing = await say(service, "/model")
         assert "* toy-a" in listing.notices[0] and "toy-b" in listing.notices[0]
         unknown = await say(service, "/model nope")

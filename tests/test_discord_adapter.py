@@ -19,7 +19,7 @@ from bot.adapters.textsplit import split_parts
 from bot.core.service import ChatService
 from bot.engines.base import ChatMessage
 from bot.errors import BotError
-from tests.fakes.discord_api import FakeDiscord, FakeInteraction
+from tests.fakes.discord_api import MANAGE_MESSAGES, FakeDiscord, FakeInteraction
 
 Json = dict[str, Any]
 FAST_EDITS = 0.05  # seconds between edits in these tests (the default is 1 s)
@@ -37,6 +37,7 @@ class World:
     alice: Json  # a member with the "chatters" role
     bob: Json  # a member without roles
     dm: Json  # alice's DM with the bot
+    carol: Json  # a member with the "mods" role (Manage Messages)
 
     async def command(self, name: str, options: dict[str, Any] | None = None, user: Json | None = None,
                       channel: Json | None = None) -> FakeInteraction:
@@ -77,18 +78,20 @@ async def running_world(make_service: Callable[..., AbstractAsyncContextManager[
                         monkeypatch: pytest.MonkeyPatch, fake_kwargs: dict[str, Any] | None = None,
                         sync_to_guild: bool = False, settings: Callable[[dict[str, Json]], dict[str, Any]] | None = None,
                         **kwargs: Any) -> AsyncIterator[World]:
-    """A fake Discord (a guild with #general and #random, alice with the "chatters" role, bob, alice's DM)
+    """A fake Discord (a guild with #general and #random, alice with the "chatters" role, bob, alice's DM,
+    carol with the "mods" role that has Manage Messages)
     and the real adapter connected to it, around the service `make_service(**settings)` makes.
 
     `fake_kwargs` go to FakeDiscord; `sync_to_guild=True` sets DISCORD_GUILD_IDS to the test guild;
     `settings(ids)` may compute settings from the fake's objects (users, roles, channels).
     """
     fake = FakeDiscord(**(fake_kwargs or {}))
-    guild = fake.add_guild(roles=["chatters"])
+    guild = fake.add_guild(roles=["chatters", "mods"], permissions={"mods": MANAGE_MESSAGES})
     channel, other = fake.add_channel(guild, "general"), fake.add_channel(guild, "random")
-    alice, bob = fake.add_user("alice"), fake.add_user("bob")
+    alice, bob, carol = fake.add_user("alice"), fake.add_user("bob"), fake.add_user("carol")
     fake.add_member(guild["id"], alice, ["chatters"])
     fake.add_member(guild["id"], bob)
+    fake.add_member(guild["id"], carol, ["mods"])
     dm = fake.add_dm(alice)
     await fake.start()
     monkeypatch.setattr(discord.http.Route, "BASE", fake.api_base)
@@ -97,14 +100,15 @@ async def running_world(make_service: Callable[..., AbstractAsyncContextManager[
     if sync_to_guild:
         kwargs["discord_guild_ids"] = guild["id"]
     if settings is not None:
-        kwargs.update(settings({"guild": guild, "channel": channel, "other": other, "alice": alice, "bob": bob}))
+        kwargs.update(settings({"guild": guild, "channel": channel, "other": other, "alice": alice, "bob": bob,
+                                "carol": carol}))
     try:
         async with make_service(discord_bot_token=fake.token, **kwargs) as service:
             adapter = DiscordAdapter(service.settings, service, guild_ready_timeout_s=0.1)
             await adapter.start()
             try:
                 await asyncio.wait_for(adapter.ready.wait(), 10)
-                yield World(fake, adapter, service, guild, channel, other, alice, bob, dm)
+                yield World(fake, adapter, service, guild, channel, other, alice, bob, dm, carol)
             finally:
                 await adapter.stop()
     finally:
@@ -183,14 +187,14 @@ async def test_chat_keeps_history_per_channel_over_several_turns(discord_world) 
 async def test_reset_answers_ephemerally_and_forgets_the_channel(discord_world) -> None:
     async with discord_world() as w:
         await w.chat("one")
-        reset = await w.command("reset")
+        reset = await w.command("reset", user=w.carol)  # in a channel: a moderator's command
         assert reset.ephemeral and reset.ack_type == 5
         assert reset.content == "History cleared. Let's start over."
         assert (await w.chat("again")).content == "You said: again (turn 1)"
 
 
 async def test_model_autocomplete_marks_the_current_model_and_switching_works(discord_world) -> None:
-    async with discord_world() as w:
+    async with discord_world(settings=lambda ids: {"admin_users": ids["alice"]["id"]}) as w:
         typed = await w.fake.interact("model", w.alice, w.channel, {"name": ""}, focused="name")
         await asyncio.wait_for(typed.responded.wait(), 5)
         assert typed.ack_type == 8
@@ -219,7 +223,8 @@ async def test_model_switch_is_admin_only_when_admins_are_configured(discord_wor
 
 async def test_a_slow_model_switch_is_still_acknowledged_in_time(discord_world) -> None:
     # The fake refuses acknowledgements after 0.5 s here; loading takes 1 s.
-    async with discord_world(fake_kwargs={"ack_timeout_s": 0.5}, load_s=1.0) as w:
+    async with discord_world(fake_kwargs={"ack_timeout_s": 0.5}, load_s=1.0,
+                             settings=lambda ids: {"admin_users": ids["alice"]["id"]}) as w:
         switch = await w.command("model", {"name": "toy-b"})
         assert switch.ack_type == 5
         assert switch.content == "Switched to toy-b."
@@ -395,7 +400,8 @@ async def test_unauthorized_users_are_refused_politely_and_privately(discord_wor
 
 
 async def test_allowed_roles_let_members_with_the_role_in(discord_world) -> None:
-    async with discord_world(settings=lambda ids: {"discord_allowed_roles": "Chatters"}) as w:
+    async with discord_world(settings=lambda ids: {"discord_allowed_roles": next(
+            r["id"] for r in ids["guild"]["roles"] if r["name"] == "chatters")}) as w:
         assert (await w.chat("hi")).content == "You said: hi (turn 1)"
         assert (await w.chat("me too", user=w.bob)).content == "Sorry, you are not allowed to use this bot."
 

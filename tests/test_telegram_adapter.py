@@ -80,7 +80,7 @@ async def test_private_conversation_streams_by_edits_and_keeps_history(make_toy_
 
 
 async def test_reset_and_model_switch_by_command_and_button(make_toy_service: MakeService) -> None:
-    async with running_bot(make_toy_service) as (fake, service):
+    async with running_bot(make_toy_service, admin_users=[str(ALICE)]) as (fake, service):
         await fake.user_says("one")
         await wait_text(fake, ALICE, "You said: one (turn 1)")
         await fake.user_says("/reset")
@@ -129,6 +129,7 @@ async def test_group_answers_only_when_addressed(make_toy_service: MakeService) 
         await wait_text(fake, -100, "You said: and AWQ? (turn 2)")
         await fake.user_says("/help@quant_test_bot", chat=group)
         await wait_contains(fake, -100, "/reset")
+        fake.set_member_status(-100, ALICE, "creator")  # /reset in a group: its administrators only
         await fake.user_says("/reset", chat=group)  # a bare command: for every bot in the group, us included
         await wait_contains(fake, -100, "History cleared")
         await fake.user_says("nobody asked the bot", chat=group)

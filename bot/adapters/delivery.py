@@ -1,7 +1,9 @@
 """Hand one message to the chat service and always leave its reply in a final state.
 
 Shared by the chat adapters: a failure becomes a polite error (the details go to the log), a
-shutdown mid-reply ends the reply with `STOPPED_NOTE`, and the sink is closed either way.
+shutdown mid-reply ends the reply with `STOPPED_NOTE`, and the sink is closed either way. The
+adapters connect before the model has loaded (`bot.app`): until `ready` is set, a message shows
+`LOADING` and waits, rather than going unanswered.
 """
 
 from __future__ import annotations
@@ -17,12 +19,24 @@ if TYPE_CHECKING:
     from bot.core.service import ChatService
 
 STOPPED_NOTE = "(stopped: the bot is restarting; please ask again in a minute)"
+LOADING = "⏳ I'm just starting up and loading the model; I'll answer in a moment."
+
+
+def started() -> asyncio.Event:
+    """A `ready` event for a service that has already started."""
+    event = asyncio.Event()
+    event.set()
+    return event
 
 
 async def handle_reply(service: ChatService, msg: IncomingMessage, sink: StreamingSink, *,
-                       log: logging.Logger, label: str, something_wrong: str) -> None:
-    """`service.handle(msg, sink)`, then `sink.close()`; `label` names the platform in the log."""
+                       log: logging.Logger, label: str, something_wrong: str,
+                       ready: asyncio.Event | None = None) -> None:
+    """`service.handle(msg, sink)` once `ready`, then `sink.close()`; `label` names the platform in the log."""
     try:
+        if ready is not None and not ready.is_set():
+            sink.stream.set_status(LOADING)
+            await ready.wait()
         await service.handle(msg, sink)
     except Exception:  # noqa: BLE001 - the person gets a polite note, the log gets the details
         log.exception("%s: handling a message failed", label)

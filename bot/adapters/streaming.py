@@ -12,6 +12,11 @@ The loop, read top to bottom:
      (never an edit with unchanged rendering), render finished chunks in their final form,
   5. on a rate limit wait `retry_after`; on network trouble back off; on a deleted message send a
      new one; repeat until the final text has been delivered.
+
+Temporary trouble (network, 5xx, 429) with the final text is retried with backoff for `give_up_s`
+(minutes by default); a permanent refusal (`Fatal`: blocked, no rights, chat gone) is not retried.
+A reply that could not be delivered in full leaves a note on the chat's `Pacer`: the next reply
+shown in that chat begins with `CUT_NOTE`. (The reply itself is stored by the service either way.)
 """
 
 from __future__ import annotations
@@ -32,8 +37,10 @@ log = logging.getLogger(__name__)
 # --- tuning ---
 DEFAULT_INTERVAL_S = 1.0  # least time between two edits in one chat
 BACKOFF_START_S = 0.5  # first wait after a network error; doubles each time
-BACKOFF_MAX_S = 8.0
-MAX_ATTEMPTS = 6  # consecutive failures before giving up on this text (the final one: for good)
+BACKOFF_MAX_S = 30.0  # at most this, and at most a twentieth of give_up_s
+DEFAULT_GIVE_UP_S = 300.0  # how long temporary trouble with the final text is retried (DELIVERY_RETRY_S)
+MAX_ATTEMPTS = 6  # consecutive unexplained refusals before giving up on this text (the final one: for good)
+CUT_NOTE = "(My previous reply here could not be delivered in full. It is saved: ask me to repeat it.)"
 SHRINK_FACTOR = 0.8  # when the platform says "too long" anyway, split at this share of the limit
 RETRY_MARGIN_S = 0.1  # added to a server's retry_after
 
@@ -61,11 +68,11 @@ class TooLong(Exception):
 
 
 class Fatal(Exception):
-    """The platform will never accept this (bot blocked, chat gone): stop trying at once."""
+    """The platform will never accept this (bot blocked, no rights, chat gone): stop trying at once."""
 
 
 class TransientError(Exception):
-    """Network trouble or a server hiccup: worth another try later."""
+    """Network trouble or a server hiccup: worth trying again for a while (`give_up_s`)."""
 
 
 class MessageOps(ABC, Generic[H]):
@@ -97,6 +104,7 @@ class Pacer:
     def __init__(self, interval: float = DEFAULT_INTERVAL_S) -> None:
         self.interval = interval
         self._next = 0.0
+        self.owes_note = False  # a reply in this chat was cut: the next one says so
 
     async def wait(self) -> None:
         delay = self._next - time.monotonic()
@@ -121,12 +129,14 @@ class _Sent(Generic[H]):
 class StreamingMessage(Generic[H]):
     """One reply shown as one or more messages that are edited while the text grows."""
 
-    def __init__(self, ops: MessageOps[H], pacer: Pacer | None = None) -> None:
+    def __init__(self, ops: MessageOps[H], pacer: Pacer | None = None, give_up_s: float = DEFAULT_GIVE_UP_S) -> None:
         self.ops = ops
         self.pacer = pacer or Pacer()
+        self.give_up_s = give_up_s
         self.limit = ops.limit
         self.sent: list[_Sent[H]] = []
         self.delivered_final = False
+        self._note: str | None = None  # CUT_NOTE + blank line when this reply carries it; "" when not
         self.calls = 0  # platform calls made (sends + edits)
         self._status = ""
         self._text = ""
@@ -173,8 +183,19 @@ class StreamingMessage(Generic[H]):
         if self._task is None:
             self._task = asyncio.create_task(self._run(), name="streaming-reply")
 
+    def _backoff(self, failures: int) -> float:
+        ceiling = min(BACKOFF_MAX_S, self.give_up_s / 20)
+        return min(ceiling, BACKOFF_START_S * 2 ** (failures - 1))
+
+    def _cut(self, why: str) -> None:
+        """Give up on this reply; the chat's next reply will say so."""
+        log.error("giving up on delivering a reply: %s", why)
+        self.pacer.owes_note = True
+
     async def _run(self) -> None:
-        failures = 0
+        refusals = 0  # unexplained refusals in a row
+        retries = 0  # failed tries since the last success (sets the backoff)
+        trouble_since: float | None = None  # when the first of them failed
         while True:
             await self._wake.wait()
             await self.pacer.wait()
@@ -183,38 +204,54 @@ class StreamingMessage(Generic[H]):
             text = self._final if self._final is not None else self._text
             try:
                 await self._deliver(text, final)
-                failures = 0
+                refusals, retries, trouble_since = 0, 0, None
                 if final:
                     self.delivered_final = True
                     return
-            except RetryLater as exc:
-                log.info("rate limited: waiting %.1fs", exc.retry_after)
-                self.pacer.block(exc.retry_after + RETRY_MARGIN_S)
-                self._wake.set()
+                continue
             except Fatal as exc:
-                log.warning("cannot deliver a reply: %s", exc)
+                self._cut(f"the platform refused it for good ({exc})")
                 return
             except TooLong:
                 self.limit = max(64, int(self.limit * SHRINK_FACTOR))
                 log.warning("platform said too long; splitting at %d", self.limit)
                 self._wake.set()
-            except Exception as exc:  # noqa: BLE001 - network trouble or an unexpected refusal
-                failures += 1
-                level = logging.INFO if isinstance(exc, TransientError) else logging.WARNING
-                log.log(level, "delivering a reply failed (%d/%d): %s", failures, MAX_ATTEMPTS, exc)
-                if failures >= MAX_ATTEMPTS:
+                continue
+            except RetryLater as exc:
+                log.info("rate limited: waiting %.1fs", exc.retry_after)
+                self.pacer.block(exc.retry_after + RETRY_MARGIN_S)
+            except TransientError as exc:
+                retries += 1
+                log.info("delivering a reply failed (try %d), will retry: %s", retries, exc)
+                self.pacer.block(self._backoff(retries))
+            except Exception as exc:  # noqa: BLE001 - an unexpected refusal: a few tries, then not this text
+                refusals += 1
+                retries += 1
+                log.warning("delivering a reply failed (%d/%d): %s", refusals, MAX_ATTEMPTS, exc)
+                if refusals >= MAX_ATTEMPTS:
                     if final:
-                        log.error("giving up on delivering a reply after %d attempts", failures)
+                        self._cut(f"{refusals} refusals in a row")
                         return
-                    failures = 0
+                    refusals = 0
                     continue  # wait for new text
-                self.pacer.block(min(BACKOFF_MAX_S, BACKOFF_START_S * 2 ** (failures - 1)))
-                self._wake.set()
+                self.pacer.block(self._backoff(retries))
+            now = time.monotonic()
+            trouble_since = now if trouble_since is None else trouble_since
+            if final and now - trouble_since >= self.give_up_s:
+                self._cut(f"no delivery for {now - trouble_since:.0f} s")
+                return
+            self._wake.set()
+
+    def _with_note(self, text: str) -> str:
+        """The reply text, after the chat's "a reply was cut" note if this reply is the one to carry it."""
+        if self._note is None:
+            self._note = f"{CUT_NOTE}\n\n" if self.pacer.owes_note else ""
+            self.pacer.owes_note = False  # taken; `_cut` puts it back if this reply fails too
+        return self._note + text
 
     async def _deliver(self, text: str, final: bool) -> None:
         """Make the messages show `text`: send missing ones, edit changed ones."""
-        chunks = split_message(text, self.limit, length=self.ops.length) if text.strip() else []
-        chunks = [c for c in chunks if c.strip()]  # platforms refuse blank messages
+        chunks = split_message(self._with_note(text), self.limit, length=self.ops.length) if text.strip() else []
         if not chunks:  # no reply text yet: show the status (placeholder, queue position)
             if not self._status:
                 return

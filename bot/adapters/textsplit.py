@@ -41,8 +41,17 @@ class Chunk:
 
 
 def split_message(text: str, limit: int, *, length: Length = len) -> list[str]:
-    """Chunks of `text`, each at most `limit` long as measured by `length`."""
-    return [c.text for c in split_parts(text, limit, length=length)]
+    """Chunks of `text`, each at most `limit` long as measured by `length`.
+
+    A chunk that would render as nothing (a lone closing fence, blank lines) is left out: platforms
+    refuse an empty message, and it carried no text (the chunk before it already closed the block).
+    """
+    return [c.text for c in split_parts(text, limit, length=length) if not renders_empty(c)]
+
+
+def renders_empty(chunk: Chunk) -> bool:
+    """Only fences and whitespace: what a reader would see is an empty message."""
+    return not any(line.strip() and not _FENCE.match(line.rstrip("\r\n")) for line in chunk.text.splitlines())
 
 
 def _fence_states(text: str, opened: tuple[str, str] | None) -> list[tuple[int, tuple[str, str] | None]]:

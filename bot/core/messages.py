@@ -38,8 +38,11 @@ class IncomingMessage:
     user_name: str
     text: str
     is_allowed: bool = True
-    is_admin: bool = True  # adapters set False when admins are configured and this user is not one
-    is_group: bool = False  # shared chat (group, guild channel): prompts name each user turn's speaker
+    # A bot admin (ADMIN_USERS). The default is the terminal's owner; chat adapters take it from
+    # `bot.core.access.AccessPolicy`, which gives it only to the people ADMIN_USERS names.
+    is_admin: bool = True
+    is_group: bool = False  # a chat several people share (Telegram group, Discord guild channel/thread)
+    is_chat_admin: bool = False  # the platform calls this person an administrator of this chat
 
 
 class ReplySink(Protocol):

@@ -7,7 +7,8 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from bot.config import ModelProfile, Settings
+from bot.config import ModelProfile, Settings, build_hint
+from bot.core import access
 from bot.core.messages import IncomingMessage, MessageStatus, ReplySink, ReplyStatus
 from bot.core.prompt import MessageTooLong, Turn, build_prompt
 from bot.core.queue import Event, GenerationQueue, Job, JobResult, QueueClosed, QueueFull, UserBusy
@@ -149,11 +150,21 @@ class ChatService:
         elif name == "help":
             await sink.notice(help_text(self.current_model))
         elif name == "reset":
+            if refusal := access.reset_refusal(msg):
+                await sink.error(refusal)
+                return
             await self.queue.cancel(self._key(msg))
             await self.store.clear(chat)
             await sink.notice("History cleared. Let's start over.")
         elif name == "stop":
-            stopped = await self.queue.cancel(self._key(msg))
+            key = self._key(msg)
+            waiting = self.queue.has_waiting(key)
+            if msg.is_group and (waiting or self.queue.is_running(key)):
+                askers = access.reply_askers(await self.store.messages(chat), waiting=waiting)
+                if refusal := access.stop_refusal(msg, askers):
+                    await sink.error(refusal)
+                    return
+            stopped = await self.queue.cancel(key)
             await sink.notice({"running": "Stopped your reply.", "queued": "Removed your waiting message.",
                                None: "Nothing to stop."}[stopped])
         elif name == "model":
@@ -165,19 +176,23 @@ class ChatService:
         if not arg:
             lines = [f"{'* ' if n == self.current_model else '  '}{n}"
                      + (f" - {p.description}" if p.description else "")
+                     + ("" if n == self.current_model or self.settings.profile_ready(p) else " (not ready)")
                      for n, p in self.settings.profiles.items()]
             if msg.is_admin and (kernels := getattr(self.queue.engine, "kernel_summary", None)):
                 lines.append(f"Running: {kernels}")  # what the model runs on (bot/engines/kernel_report.py)
             await sink.notice("Models (* = current):\n" + "\n".join(lines) + "\nSwitch with /model NAME")
             return
-        if not msg.is_admin:
-            await sink.error("Only admins can switch the model.")
+        if refusal := access.switch_refusal(msg, self.settings):
+            await sink.error(refusal)
             return
         if arg not in self.settings.profiles:
             await sink.error(f"Unknown model {arg!r}. Available: {', '.join(self.model_names())}")
             return
         if arg == self.current_model:
             await sink.notice(f"Already using {arg}.")
+            return
+        if not self.settings.profile_ready(self.settings.profiles[arg]):
+            await sink.error(f"{arg} is not ready: {build_hint(self.settings.profiles[arg])}")
             return
         try:
             now = await self.queue.switch_model(arg, user_key=self._user_key(msg))

@@ -37,6 +37,10 @@ INTENT_MESSAGE_CONTENT = 1 << 15
 INTENT_GUILD_MEMBERS = 1 << 1
 INTENT_GUILD_PRESENCES = 1 << 8
 PRIVILEGED_INTENTS = INTENT_MESSAGE_CONTENT | INTENT_GUILD_MEMBERS | INTENT_GUILD_PRESENCES
+EVERYONE_PERMISSIONS = 1071698660929  # what Discord gives @everyone in a new server (no Manage Messages)
+ADMINISTRATOR = 1 << 3
+MANAGE_MESSAGES = 1 << 13
+ALL_PERMISSIONS = (1 << 53) - 1
 DEFAULT_RATE_LIMIT = (50, 1.0)  # requests per window per route bucket (generous; tests may tighten)
 
 Json = dict[str, Any]
@@ -143,15 +147,18 @@ class FakeDiscord:
             self.users[user["id"]] = user
         return user
 
-    def add_guild(self, name: str = "Test guild", *, roles: list[str] = ()) -> Json:  # type: ignore[assignment]
+    def add_guild(self, name: str = "Test guild", *, roles: list[str] = (),  # type: ignore[assignment]
+                  permissions: dict[str, int] | None = None) -> Json:
+        """A server; `roles` are role names, `permissions` gives some of them permission bits."""
         gid = snowflake()
-        role_list = [{"id": gid, "name": "@everyone", "permissions": "1071698660929", "position": 0,
+        role_list = [{"id": gid, "name": "@everyone", "permissions": str(EVERYONE_PERMISSIONS), "position": 0,
                       "color": 0, "hoist": False, "managed": False, "mentionable": False, "flags": 0}]
         role_list.append({"id": snowflake(), "name": "quantbot", "permissions": "0", "position": 1, "color": 0,
                           "hoist": False, "managed": True, "mentionable": True, "flags": 0,
                           "tags": {"bot_id": self.app_id}})  # the role Discord gives an installed bot
         for i, role in enumerate(roles, 2):
-            role_list.append({"id": snowflake(), "name": role, "permissions": "0", "position": i, "color": 0,
+            role_list.append({"id": snowflake(), "name": role, "permissions": str((permissions or {}).get(role, 0)),
+                              "position": i, "color": 0,
                               "hoist": False, "managed": False, "mentionable": True, "flags": 0})
         guild = {"id": gid, "name": name, "owner_id": self.owner["id"], "roles": role_list, "channels": [],
                  "threads": [], "members": [], "member_count": 1, "features": [], "emojis": [], "stickers": [],
@@ -163,6 +170,18 @@ class FakeDiscord:
         self.guilds[gid] = guild
         self.add_member(gid, self.bot_user)
         return guild
+
+    def member_permissions(self, guild_id: str, user_id: str) -> int:
+        """Base permissions: the owner has all; else @everyone's and the member's roles' (no overwrites here)."""
+        guild = self.guilds[guild_id]
+        if guild["owner_id"] == user_id:
+            return ALL_PERMISSIONS
+        member = self.members[(guild_id, user_id)]
+        bits = 0
+        for role in guild["roles"]:
+            if role["id"] == guild_id or role["id"] in member["roles"]:
+                bits |= int(role["permissions"])
+        return ALL_PERMISSIONS if bits & ADMINISTRATOR else bits
 
     def role_id(self, guild: Json, name: str) -> str:
         return next(r["id"] for r in guild["roles"] if r["name"] == name)
@@ -349,6 +368,12 @@ class FakeDiscord:
         for ws in list(self._sockets):
             await self._dispatch_on(ws._fake_send, event, data)  # type: ignore[attr-defined]
 
+    async def close_gateway(self, code: int, reason: str = "") -> None:
+        """Discord ends every gateway connection with this close code (4004: the token was reset)."""
+        for ws in list(self._sockets):
+            self._sockets.remove(ws)
+            await ws.close(code=code, message=reason.encode())
+
     def _intents(self) -> int:
         return int((self.identify or {}).get("intents", 0))
 
@@ -458,7 +483,7 @@ class FakeDiscord:
             member = self.members[(guild_id, user["id"])]
             payload["guild_id"] = guild_id
             payload["guild_locale"] = "en-US"
-            payload["member"] = member | {"permissions": "1071698660929"}
+            payload["member"] = member | {"permissions": str(self.member_permissions(guild_id, user["id"]))}
         else:
             payload["user"] = user
         await self.dispatch("INTERACTION_CREATE", payload)
@@ -525,6 +550,15 @@ class FakeDiscord:
         if m := re.fullmatch(r"/channels/(\d+)/typing", path):
             self._channel(m.group(1))
             return 204, None
+        if m := re.fullmatch(r"/guilds/(\d+)/members/(\d+)", path):
+            if method != "GET":
+                raise _ApiError(405, 0, "405: Method Not Allowed")
+            if m.group(1) not in self.guilds:
+                raise _ApiError(404, 10004, "Unknown Guild")
+            member = self.members.get((m.group(1), m.group(2)))
+            if member is None:
+                raise _ApiError(404, 10007, "Unknown Member")
+            return 200, member
         if m := re.fullmatch(r"/users/@me/channels", path):
             recipient = self.users.get(str((body or {}).get("recipient_id")))
             if recipient is None:

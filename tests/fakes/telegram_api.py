@@ -32,7 +32,7 @@ _JSON_FIELDS = {
     "chat_id", "message_id", "offset", "limit", "timeout", "allowed_updates", "reply_markup", "entities",
     "commands", "scope", "reply_parameters", "link_preview_options", "message_thread_id",
     "disable_notification", "protect_content", "drop_pending_updates", "show_alert", "cache_time",
-    "allow_sending_without_reply", "reply_to_message_id", "disable_web_page_preview",
+    "allow_sending_without_reply", "reply_to_message_id", "disable_web_page_preview", "user_id",
 }
 NOT_MODIFIED = ("Bad Request: message is not modified: specified new message content and reply markup are "
                 "exactly the same as a current content and reply markup of the message")
@@ -43,14 +43,19 @@ def utf16_len(text: str) -> int:
 
 
 class ApiError(Exception):
-    def __init__(self, code: int, description: str, retry_after: int | None = None) -> None:
+    def __init__(self, code: int, description: str, retry_after: int | None = None,
+                 parameters: dict[str, Any] | None = None) -> None:
         super().__init__(description)
         self.code, self.description, self.retry_after = code, description, retry_after
+        self.parameters = dict(parameters or {})
+        if retry_after is not None:
+            self.parameters["retry_after"] = retry_after
 
     def body(self) -> dict[str, Any]:
+        """The error envelope; `parameters` is Telegram's ResponseParameters (retry_after, migrate_to_chat_id)."""
         out: dict[str, Any] = {"ok": False, "error_code": self.code, "description": self.description}
-        if self.retry_after is not None:
-            out["parameters"] = {"retry_after": self.retry_after}
+        if self.parameters:
+            out["parameters"] = self.parameters
         return out
 
 
@@ -182,6 +187,23 @@ class FakeTelegram:
         self.flood_interval: float | None = None
         self.flood_burst = 3
         self._buckets: dict[int, tuple[float, float]] = {}
+        self.member_status: dict[tuple[int, int], str] = {}  # (chat, user) -> getChatMember status
+        self.migrated: dict[int, int] = {}  # group id -> the supergroup it became
+        self.chats: dict[int, dict[str, Any]] = {}  # chats known without a message in them (a new supergroup)
+
+    def migrate_group(self, group_id: int, supergroup_id: int) -> dict[str, Any]:
+        """The group is upgraded to a supergroup: calls naming the old id get 400 with migrate_to_chat_id."""
+        self.migrated[group_id] = supergroup_id
+        self.chats[supergroup_id] = {"id": supergroup_id, "type": "supergroup", "title": "Upgraded"}
+        return self.chats[supergroup_id]
+
+    def heal(self) -> None:
+        """Forget every injected failure still pending (the outage is over)."""
+        self._injected.clear()
+
+    def set_member_status(self, chat_id: int, user_id: int, status: str) -> None:
+        """`creator`, `administrator`, `member`, `restricted`, `left` or `kicked` in a group."""
+        self.member_status[(chat_id, user_id)] = status
 
     # --- lifecycle ---
     @property
@@ -376,6 +398,11 @@ class FakeTelegram:
             cid = int(chat_id)
         except (TypeError, ValueError):
             raise bad_request("chat not found") from None
+        if cid in self.migrated:
+            raise ApiError(400, "Bad Request: group chat was upgraded to a supergroup chat",
+                           parameters={"migrate_to_chat_id": self.migrated[cid]})
+        if cid in self.chats:
+            return self.chats[cid]
         for (c, _), m in self.messages.items():
             if c == cid:
                 return m.chat
@@ -482,6 +509,29 @@ class FakeTelegram:
         m.edits += 1
         m.history.append(text)
         return self._message_json(m)
+
+    async def _m_getchatmember(self, params: dict[str, Any]) -> Any:
+        """A ChatMember object: ChatMemberOwner / Administrator / Member / Left (Bot API 7+ shapes)."""
+        chat = self._chat(params.get("chat_id"))
+        try:
+            user_id = int(params.get("user_id") or 0)
+        except (TypeError, ValueError):
+            raise bad_request("invalid user_id specified") from None
+        if chat["type"] == "private":
+            status = "member" if user_id in (chat["id"], BOT_ID) else "left"
+        else:
+            status = self.member_status.get((chat["id"], user_id), "member")
+        user = self.bot_user if user_id == BOT_ID else {"id": user_id, "is_bot": False, "first_name": "User"}
+        member: dict[str, Any] = {"status": status, "user": user}
+        if status == "creator":
+            member["is_anonymous"] = False
+        elif status == "administrator":
+            member.update({"can_be_edited": False, "is_anonymous": False, "can_manage_chat": True,
+                           "can_delete_messages": True, "can_manage_video_chats": True,
+                           "can_restrict_members": True, "can_promote_members": False, "can_change_info": True,
+                           "can_invite_users": True, "can_post_stories": False, "can_edit_stories": False,
+                           "can_delete_stories": False})
+        return member
 
     async def _m_deletemessage(self, params: dict[str, Any]) -> Any:
         chat = self._chat(params.get("chat_id"))

@@ -1,34 +1,20 @@
-"""Who may talk to the bot on Discord, and where: users, roles, channels and admins from config.
+"""The Discord facts the shared access rules (`bot.core.access`) decide on.
 
-Rules (settings are lists of ids; roles may also be given by name, case-insensitive):
-- DISCORD_ALLOWED_CHANNELS, when set, limits the guild channels the bot works in; a thread counts
-  as its parent channel too. DMs are not channels of a guild and are not limited by it.
-- ALLOWED_USERS, DISCORD_ALLOWED_ROLES and ALLOWED_CHATS together say who may use the bot, as on
-  Telegram: a person is allowed when ALLOWED_USERS names them, they have a listed role (a DM has
-  no roles), or the DM/channel/thread (or a thread's parent) is in ALLOWED_CHATS. All three
-  empty: everyone is allowed. (The generic lists may mix Telegram and Discord ids.)
-- ADMIN_USERS are always allowed (in allowed channels); when it is empty everyone counts as admin.
+- the chat: the channel's id, plus the parent channel's for a thread;
+- roles by id: a guild member's roles; in a DM, the person's roles in the servers that own the
+  roles DISCORD_ALLOWED_ROLES lists (fetched from Discord), so a DM is judged like a channel;
+- chat administrator: the Manage Messages permission in that channel.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from dataclasses import dataclass
+import logging
 
 import discord
 
-from bot.config import Settings
+from bot.core.access import AccessPolicy, Verdict
 
-
-@dataclass(frozen=True)
-class Access:
-    channel_ok: bool  # the bot works in this channel (otherwise: stay silent where possible)
-    allowed: bool  # this person may use the bot here
-    admin: bool
-
-
-def _ids(values: Iterable[str]) -> set[str]:
-    return {v.strip() for v in values if v.strip()}
+log = logging.getLogger(__name__)
 
 
 def channel_ids(channel: object) -> set[str]:
@@ -40,23 +26,40 @@ def channel_ids(channel: object) -> set[str]:
     return ids
 
 
-def judge(settings: Settings, user: discord.abc.User, channel: object, in_guild: bool) -> Access:
-    """Decide what `user` may do in `channel` (a guild channel or thread when `in_guild`)."""
-    user_id = str(user.id)
-    admins = _ids(settings.admin_users)
-    is_admin = not admins or user_id in admins
+async def _dm_role_ids(client: discord.Client, policy: AccessPolicy, user_id: int) -> set[str]:
+    """The person's roles in the servers owning a listed role (a DM carries no roles itself)."""
+    found: set[str] = set()
+    for guild in client.guilds:
+        if not any(guild.get_role(int(r)) for r in policy.roles):
+            continue
+        member = guild.get_member(user_id)
+        if member is None:
+            try:
+                member = await guild.fetch_member(user_id)
+            except discord.NotFound:  # not in that server
+                continue
+            except discord.HTTPException as exc:
+                log.warning("Discord: could not look up a member's roles: %s", exc)
+                continue
+        found.update(str(r.id) for r in member.roles)
+    return found
 
-    allowed_channels = _ids(settings.discord_allowed_channels)
-    channel_ok = not in_guild or not allowed_channels or bool(channel_ids(channel) & allowed_channels)
 
-    users = _ids(settings.allowed_users)
-    roles = {r.lower() for r in _ids(settings.discord_allowed_roles)}
-    chats = _ids(settings.allowed_chats)
-    if not users and not roles and not chats:
-        allowed = True
+async def judge(policy: AccessPolicy, client: discord.Client, user: discord.abc.User,
+                channel: object, in_guild: bool) -> Verdict:
+    """What `user` may do in `channel` (a guild channel or thread when `in_guild`, else a DM)."""
+    if in_guild:
+        roles = {str(r.id) for r in getattr(user, "roles", [])}
+    elif policy.roles and str(user.id) not in policy.users:
+        roles = await _dm_role_ids(client, policy, user.id)
     else:
-        member_roles = getattr(user, "roles", []) if in_guild else []
-        has_role = any(str(r.id) in roles or r.name.lower() in roles for r in member_roles)
-        allowed = user_id in users or has_role or bool(channel_ids(channel) & chats)
-    allowed = allowed or (bool(admins) and user_id in admins)
-    return Access(channel_ok=channel_ok, allowed=channel_ok and allowed, admin=is_admin)
+        roles = set()
+    return policy.judge(str(user.id), channel_ids(channel), shared=in_guild, role_ids=roles, limit_places=True)
+
+
+def manages_messages(channel: object, user: object) -> bool:
+    """Manage Messages in this channel: Discord's mark of a channel moderator."""
+    permissions_for = getattr(channel, "permissions_for", None)
+    if permissions_for is None or not isinstance(user, discord.Member):
+        return False
+    return bool(permissions_for(user).manage_messages)

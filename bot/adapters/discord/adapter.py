@@ -23,13 +23,14 @@ import aiohttp
 import discord
 from discord import app_commands
 
-from bot.adapters.delivery import handle_reply
-from bot.adapters.discord.access import judge
+from bot.adapters.delivery import handle_reply, started
+from bot.adapters.discord.access import judge, manages_messages
 from bot.adapters.discord.commands import build_tree
 from bot.adapters.discord.ops import INTERACTION_TOKEN_TTL_S, ChannelOps, InteractionOps
 from bot.adapters.discord.sink import DiscordSink
 from bot.adapters.streaming import Pacer, StreamingMessage
 from bot.config import Settings
+from bot.core.access import AccessPolicy
 from bot.core.messages import IncomingMessage
 from bot.core.service import ChatService
 from bot.errors import BotError
@@ -41,6 +42,10 @@ GUILD_READY_TIMEOUT_S = 2.0  # discord.py waits this long after the last GUILD_C
 LOGIN_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 10.0  # for the gateway task to end after the client closed
 STOP_GRACE_S = 5.0  # replies in progress get this long to finish before the client disconnects
+RECONNECT_ATTEMPTS = 5  # unexpected gateway failures in a row before the adapter gives up (the process exits)
+RECONNECT_BACKOFF_S = 2.0  # doubled after each of them
+# Close codes after which Discord will not take this session or identify back: a new token or a code change is needed.
+PERMANENT_CLOSE_CODES = {4004, 4010, 4011, 4012, 4013}
 REFUSAL_COOLDOWN_S = 3600.0  # a refused person is told "not allowed" (mentions, DMs) at most once per this long
 
 PLATFORM = "discord"
@@ -86,14 +91,21 @@ class DiscordAdapter:
     """Runs the bot on Discord: `await start()` logs in and connects in the background."""
 
     def __init__(self, settings: Settings, service: ChatService, *,
-                 guild_ready_timeout_s: float = GUILD_READY_TIMEOUT_S, stop_grace_s: float = STOP_GRACE_S) -> None:
+                 guild_ready_timeout_s: float = GUILD_READY_TIMEOUT_S, stop_grace_s: float = STOP_GRACE_S,
+                 service_ready: asyncio.Event | None = None, reconnect_backoff_s: float = RECONNECT_BACKOFF_S) -> None:
+        """`service_ready`: set once the service has started (messages wait for it); None: started already."""
         self.settings = settings
         self.service = service
+        self.policy = AccessPolicy(settings)
         self.guild_ready_timeout_s = guild_ready_timeout_s
         self.stop_grace_s = stop_grace_s
         self.token_ttl_s = INTERACTION_TOKEN_TTL_S
         self.client: _Client | None = None
-        self.ready = asyncio.Event()
+        self.ready = asyncio.Event()  # the gateway said READY
+        self.service_ready = service_ready or started()
+        self.failed = asyncio.Event()  # the gateway is gone for good: the process should exit non-zero
+        self.reconnect_backoff_s = reconnect_backoff_s
+        self._stopping = False
         self.message_content = True
         self.synced: list[app_commands.AppCommand] = []
         self._task: asyncio.Task[None] | None = None
@@ -125,34 +137,55 @@ class DiscordAdapter:
             raise BotError(f"could not log in to Discord: {type(exc).__name__}") from None
 
     async def _run(self) -> None:
-        while self.client is not None:
+        """Stay connected: discord.py resumes after ordinary drops; past that, log in again a few times,
+        and when Discord will not have us back, set `failed` (the app then exits non-zero)."""
+        failures = 0
+        while self.client is not None and not self._stopping:
             client = self.client
             try:
                 await client.connect(reconnect=True)
-                return
+                if self._stopping:
+                    return
+                raise ConnectionError("the gateway connection closed")
             except discord.PrivilegedIntentsRequired:
                 if not self.message_content:
-                    log.error("Discord refused the gateway intents; the Discord adapter stopped")
-                    return
+                    return self._give_up("Discord refused the gateway intents")
                 log.error(MESSAGE_CONTENT_HELP)
                 self.message_content = False
-                await client.close()
-                try:
-                    await self._login()
-                except BotError as exc:
-                    log.error("Discord: %s", exc)
-                    return
             except asyncio.CancelledError:
                 raise
-            except Exception:  # noqa: BLE001 - the connection is gone for good; say so, keep the process
-                log.exception("Discord: the gateway connection ended with an error")
+            except discord.ConnectionClosed as exc:
+                if exc.code in PERMANENT_CLOSE_CODES:
+                    return self._give_up(f"Discord closed the gateway with {exc.code} ({exc.reason or 'no reason'})")
+                failures += 1
+                log.error("Discord: the gateway closed with %s (%d/%d); reconnecting", exc.code, failures,
+                          RECONNECT_ATTEMPTS)
+            except Exception:  # noqa: BLE001 - unexpected: reconnect, a few times
+                failures += 1
+                log.exception("Discord: the gateway connection failed (%d/%d); reconnecting", failures,
+                              RECONNECT_ATTEMPTS)
+            if failures >= RECONNECT_ATTEMPTS:
+                return self._give_up(f"the gateway failed {failures} times in a row")
+            await client.close()
+            if failures:
+                await asyncio.sleep(self.reconnect_backoff_s * 2 ** (failures - 1))
+            if self._stopping:
                 return
+            try:
+                await self._login()
+            except BotError as exc:
+                return self._give_up(str(exc))
+
+    def _give_up(self, why: str) -> None:
+        log.error("Discord: %s; the Discord adapter stopped", why)
+        self.failed.set()
 
     async def stop(self) -> None:
         """Give replies in progress `stop_grace_s` to finish, then disconnect.
 
         Replies still running after that are ended and stored by the service when it closes.
         """
+        self._stopping = True
         pending = [t for t in self._in_flight if not t.done()]
         if pending:
             _, still = await asyncio.wait(pending, timeout=self.stop_grace_s)
@@ -194,7 +227,8 @@ class DiscordAdapter:
         if task is not None:
             self._in_flight.add(task)
         try:  # handle_reply closes the sink: no edit loop outlives its message
-            await handle_reply(self.service, msg, sink, log=log, label="Discord", something_wrong=SOMETHING_WRONG)
+            await handle_reply(self.service, msg, sink, log=log, label="Discord", something_wrong=SOMETHING_WRONG,
+                               ready=self.service_ready)
         finally:
             if task is not None:
                 self._in_flight.discard(task)
@@ -203,8 +237,9 @@ class DiscordAdapter:
     async def run_interaction(self, interaction: discord.Interaction, text: str, *, private: bool) -> None:
         """Acknowledge at once (deferred), then let the service answer by editing the response."""
         in_guild = interaction.guild_id is not None
-        access = judge(self.settings, interaction.user, interaction.channel, in_guild)
-        if not access.channel_ok:
+        assert self.client is not None
+        access = await judge(self.policy, self.client, interaction.user, interaction.channel, in_guild)
+        if not access.place_ok:
             await interaction.response.send_message(NOT_HERE, ephemeral=True)
             return
         ephemeral = private or not access.allowed
@@ -216,11 +251,12 @@ class DiscordAdapter:
             return
         ops = InteractionOps(interaction, ephemeral=ephemeral, token_ttl_s=self.token_ttl_s)
         pacer = Pacer(self.settings.discord_edit_interval_s) if ephemeral else self._pacer(interaction.channel_id or 0)
-        sink = DiscordSink(StreamingMessage(ops, pacer))
+        sink = DiscordSink(StreamingMessage(ops, pacer, self.settings.delivery_retry_s))
         user = interaction.user
         msg = IncomingMessage(platform=PLATFORM, chat_id=str(interaction.channel_id), user_id=str(user.id),
                               user_name=user.display_name, text=text, is_allowed=access.allowed,
-                              is_admin=access.admin)
+                              is_admin=access.admin, is_group=in_guild,
+                              is_chat_admin=in_guild and interaction.permissions.manage_messages)
         await self._handle(msg, sink)
 
     async def command_failed(self, interaction: discord.Interaction, error: app_commands.AppCommandError) -> None:
@@ -269,8 +305,9 @@ class DiscordAdapter:
         if in_guild and not message.content:
             log.warning("Discord: a reply to the bot arrived without text; is the MESSAGE_CONTENT intent on?")
             return
-        access = judge(self.settings, message.author, message.channel, in_guild)
-        if not access.channel_ok:
+        assert self.client is not None
+        access = await judge(self.policy, self.client, message.author, message.channel, in_guild)
+        if not access.place_ok:
             log.info("Discord: ignoring a message in channel %s (not in DISCORD_ALLOWED_CHANNELS)",
                      message.channel.id)
             return
@@ -286,9 +323,10 @@ class DiscordAdapter:
             except discord.HTTPException:
                 pass
 
-        stream = StreamingMessage(ChannelOps(message), self._pacer(message.channel.id))
+        stream = StreamingMessage(ChannelOps(message), self._pacer(message.channel.id), self.settings.delivery_retry_s)
         sink = DiscordSink(stream, on_started=typing)
         msg = IncomingMessage(platform=PLATFORM, chat_id=str(message.channel.id), user_id=str(message.author.id),
                               user_name=message.author.display_name, text=text, is_allowed=access.allowed,
-                              is_admin=access.admin)
+                              is_admin=access.admin, is_group=in_guild,
+                              is_chat_admin=manages_messages(message.channel, message.author))
         await self._handle(msg, sink)

@@ -13,16 +13,19 @@ if TYPE_CHECKING:
 # --- tuning ---
 MAX_CHOICES = 25  # Discord's limit for autocomplete results
 CURRENT_MARK = " (current)"
+NOT_READY_MARK = " (not ready)"
 
 COMMAND_NAMES = ("chat", "reset", "model", "stop")
 
 
-def model_choices(names: list[str], current: str, typed: str) -> list[app_commands.Choice[str]]:
-    """Models whose name contains what was typed, the current one first and marked."""
+def model_choices(names: list[str], current: str, typed: str,
+                  not_ready: frozenset[str] = frozenset()) -> list[app_commands.Choice[str]]:
+    """Models whose name contains what was typed, the current one first and marked, unbuilt ones marked."""
     typed = typed.strip().lower()
     found = [n for n in names if typed in n.lower()]
     found.sort(key=lambda n: n != current)
-    return [app_commands.Choice(name=n + (CURRENT_MARK if n == current else ""), value=n)
+    return [app_commands.Choice(name=n + (CURRENT_MARK if n == current else NOT_READY_MARK if n in not_ready else ""),
+                                value=n)
             for n in found[:MAX_CHOICES]]
 
 
@@ -46,7 +49,8 @@ def build_tree(client: discord.Client, adapter: DiscordAdapter) -> app_commands.
 
     @model.autocomplete("name")
     async def model_autocomplete(interaction: discord.Interaction, current: str) -> list[app_commands.Choice[str]]:
-        return model_choices(adapter.service.model_names(), adapter.service.current_model, current)
+        return model_choices(adapter.service.model_names(), adapter.service.current_model, current,
+                             adapter.service.settings.not_ready())
 
     @tree.command(name="stop", description="Stop your running or waiting reply")
     async def stop(interaction: discord.Interaction) -> None:

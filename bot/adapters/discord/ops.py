@@ -6,12 +6,13 @@ Two targets:
   past `token_ttl_s` (or on 50027 Invalid Webhook Token) the rest continues as plain channel
   messages, and any chunk stuck in an expired message is re-sent in full, so nothing is lost.
 - `ChannelOps`: the answer to a mention or DM. The first message is a reply to the person's
-  message; more chunks are channel messages; all are edited in place.
+  message (sent as a plain message when that one was deleted meanwhile); more chunks are channel
+  messages; all are edited in place.
 
 Discord errors map onto the loop's exceptions: 429s that discord.py did not retry itself ->
 `RetryLater`, 10008 Unknown Message -> `MessageGone`, 50035 on content -> `TooLong`,
-403 Forbidden (missing permissions, blocked DMs) -> `Fatal`, 5xx and network errors ->
-`TransientError`.
+403 Forbidden (missing permissions, blocked DMs) and 10003 Unknown Channel -> `Fatal`, 5xx and
+network errors -> `TransientError`.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ MESSAGE_LIMIT = 2000  # characters in one message's content
 INTERACTION_TOKEN_TTL_S = 15 * 60 - 30  # Discord's 15 minutes, less a margin for slow requests
 DEFAULT_RETRY_AFTER_S = 1.0
 
+UNKNOWN_CHANNEL = 10003
 UNKNOWN_MESSAGE = 10008
 UNKNOWN_WEBHOOK = 10015
 INVALID_FORM_BODY = 50035
@@ -58,7 +60,7 @@ async def call_discord(request: Callable[[], Awaitable[T]]) -> T:
             raise RetryLater(float(retry) if retry else DEFAULT_RETRY_AFTER_S) from exc
         if exc.code == UNKNOWN_MESSAGE:
             raise MessageGone(str(exc)) from exc
-        if exc.status == 403:
+        if exc.status == 403 or exc.code == UNKNOWN_CHANNEL:
             raise Fatal(str(exc)) from exc
         if exc.code == INVALID_FORM_BODY and "content" in str(exc.text):
             raise TooLong(str(exc)) from exc
@@ -88,9 +90,11 @@ class ChannelOps(MessageOps[Sent]):
 
     async def send(self, rendered: Hashable) -> Sent:
         content = str(rendered)
-        if not self.sent_any:
-            msg = await call_discord(lambda: self.source.reply(content, allowed_mentions=REPLY_PING,
-                                                               mention_author=True))
+        if not self.sent_any:  # a reply, or a plain message if the person's message is gone by now
+            reference = self.source.to_reference(fail_if_not_exists=False)
+            msg = await call_discord(lambda: self.source.channel.send(content, reference=reference,
+                                                                      allowed_mentions=REPLY_PING,
+                                                                      mention_author=True))
         else:
             msg = await call_discord(lambda: self.source.channel.send(content, allowed_mentions=NO_PINGS))
         self.sent_any = True

@@ -12,10 +12,12 @@ from telegram.constants import ChatType, MessageEntityType
 from telegram.error import InvalidToken, NetworkError, TelegramError
 from telegram.ext import AIORateLimiter, Application, CallbackQueryHandler, ContextTypes, MessageHandler, filters
 
-from bot.adapters.delivery import handle_reply
+from bot.adapters.delivery import handle_reply, started
 from bot.adapters.streaming import Pacer
 from bot.adapters.telegram.sink import TelegramOps, TelegramSink, Typing
+from bot.core.access import AccessPolicy, Verdict, wants_chat_admin_fact
 from bot.core.messages import IncomingMessage
+from bot.core.service import parse_command
 from bot.errors import BotError
 
 if TYPE_CHECKING:
@@ -29,6 +31,7 @@ POLL_TIMEOUT_S = 10.0  # getUpdates long-poll; tests use ~1 s so shutdown is qui
 STOP_GRACE_S = 5.0  # stop() lets replies in progress run this long, then marks them (docker stop: 10 s)
 SOMETHING_WRONG = "Sorry, something went wrong on my side. Please try again."
 REFUSAL_COOLDOWN_S = 3600.0  # a refused user hears "not allowed" at most once per this long
+CHAT_ADMIN_STATUSES = ("creator", "administrator")  # getChatMember statuses that administer a group
 MODEL_BUTTON_PREFIX = "model:"
 UNSUPPORTED = ("I can only read text messages. Please type your question "
                "(stickers, photos, voice and files are not supported).")
@@ -50,11 +53,15 @@ class TelegramAdapter:
     """`await start()` begins polling (non-blocking); `await stop()` shuts down gracefully."""
 
     def __init__(self, settings: Settings, service: ChatService, *, poll_timeout: float = POLL_TIMEOUT_S,
-                 stop_grace: float = STOP_GRACE_S) -> None:
+                 stop_grace: float = STOP_GRACE_S, service_ready: asyncio.Event | None = None) -> None:
+        """`service_ready`: set once the service has started (messages wait for it); None: started already."""
         if settings.telegram_bot_token is None:
             raise BotError("TELEGRAM_BOT_TOKEN is not set")
         self.settings = settings
         self.service = service
+        self.policy = AccessPolicy(settings)
+        self.service_ready = service_ready or started()
+        self.failed = asyncio.Event()  # set when Telegram refuses the token while running: the process should exit
         self.poll_timeout = poll_timeout
         self.stop_grace = stop_grace
         self.username = ""
@@ -114,13 +121,20 @@ class TelegramAdapter:
         await self.app.shutdown()
 
     # --- decisions ---
-    def _access(self, user_id: str, chat_id: str) -> tuple[bool, bool]:
-        s = self.settings
-        is_admin = not s.admin_users or user_id in s.admin_users
-        listed = bool(s.allowed_users or s.allowed_chats)
-        allowed = (not listed or user_id in s.allowed_users or chat_id in s.allowed_chats
-                   or (bool(s.admin_users) and user_id in s.admin_users))
-        return allowed, is_admin
+    def _access(self, user_id: int, message: Message) -> Verdict:
+        return self.policy.judge(str(user_id), {str(message.chat.id)},
+                                 shared=message.chat.type != ChatType.PRIVATE)
+
+    async def _is_chat_admin(self, message: Message, user_id: int) -> bool:
+        """getChatMember: is the person the group's creator or one of its administrators?"""
+        if message.chat.type == ChatType.PRIVATE:
+            return False
+        try:
+            member = await self.app.bot.get_chat_member(message.chat.id, user_id)
+        except TelegramError as exc:  # unknown: treat as not an administrator
+            log.warning("telegram: getChatMember failed: %s", exc)
+            return False
+        return member.status in CHAT_ADMIN_STATUSES
 
     def _command_target(self, message: Message) -> str | None:
         """For a message starting with a bot command: the @bot it names ('' when bare); else None."""
@@ -177,11 +191,14 @@ class TelegramAdapter:
         reply_to = message.message_id if chat.type != ChatType.PRIVATE else None
         ops = TelegramOps(self.app.bot, chat.id, thread, reply_to, keyboard)
         return TelegramSink(ops, self._pacer(chat.id, chat.type),
-                            Typing(self.app.bot, chat.id, thread) if typing else None)
+                            Typing(self.app.bot, chat.id, thread) if typing else None,
+                            give_up_s=self.settings.delivery_retry_s)
 
     def _model_keyboard(self) -> InlineKeyboardMarkup:
         current = self.service.current_model
-        return InlineKeyboardMarkup([[InlineKeyboardButton(("✅ " if name == current else "") + name,
+        not_ready = self.settings.not_ready()
+        return InlineKeyboardMarkup([[InlineKeyboardButton(("✅ " if name == current else "") + name
+                                                           + (" (not ready)" if name in not_ready else ""),
                                                            callback_data=f"{MODEL_BUTTON_PREFIX}{name}")]
                                      for name in self.service.model_names()])
 
@@ -213,8 +230,8 @@ class TelegramAdapter:
         user = message.from_user
         assert user is not None
         private = message.chat.type == ChatType.PRIVATE
-        allowed, is_admin = self._access(str(user.id), str(message.chat.id))
-        if not allowed:
+        access = self._access(user.id, message)
+        if not access.allowed:
             if private and self._refuse_now(str(user.id)):
                 await self._run(message, IncomingMessage(
                     "telegram", self._chat_key(message), str(user.id), user.full_name, message.text or "",
@@ -227,17 +244,22 @@ class TelegramAdapter:
             return
         text = self._prompt_text(message)
         is_command = self._command_target(message) is not None
+        command = parse_command(text) if is_command else None
         keyboard = None
-        if is_command and text.split()[0].split("@")[0].lower() == "/model" and len(text.split()) == 1:
+        if command == ("model", "") and access.admin:  # buttons only for those who may switch
             keyboard = self._model_keyboard()
+        chat_admin = (command is not None and wants_chat_admin_fact(command[0])
+                      and await self._is_chat_admin(message, user.id))
         incoming = IncomingMessage("telegram", self._chat_key(message), str(user.id), user.full_name, text,
-                                   is_allowed=True, is_admin=is_admin)
+                                   is_allowed=True, is_admin=access.admin, is_group=not private,
+                                   is_chat_admin=chat_admin)
         await self._run(message, incoming, self._sink(message, keyboard=keyboard, typing=not is_command))
 
     async def _run(self, message: Message, incoming: IncomingMessage, sink: TelegramSink) -> None:
         if sink.typing:
             sink.typing.start()
-        await handle_reply(self.service, incoming, sink, log=log, label="telegram", something_wrong=SOMETHING_WRONG)
+        await handle_reply(self.service, incoming, sink, log=log, label="telegram", something_wrong=SOMETHING_WRONG,
+                           ready=self.service_ready)
 
     async def _on_button(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
         query = update.callback_query
@@ -245,19 +267,23 @@ class TelegramAdapter:
             return
         message = query.message
         user = query.from_user
-        allowed, is_admin = self._access(str(user.id), str(message.chat.id))
+        access = self._access(user.id, message)
         name = query.data.removeprefix(MODEL_BUTTON_PREFIX)
-        if not allowed:
+        if not access.allowed:
             await query.answer("Sorry, you are not allowed to use this bot.")
             return
         await query.answer(f"Switching to {name}…")
         incoming = IncomingMessage("telegram", self._chat_key(message), str(user.id), user.full_name,
-                                   f"/model {name}", is_allowed=True, is_admin=is_admin)
+                                   f"/model {name}", is_allowed=True, is_admin=access.admin,
+                                   is_group=message.chat.type != ChatType.PRIVATE)
         await self._run(message, incoming, self._sink(message))
 
     async def _on_error(self, update: object, context: ContextTypes.DEFAULT_TYPE) -> None:
         log.error("telegram: unhandled error: %s", context.error)
 
-    @staticmethod
-    def _on_poll_error(exc: TelegramError) -> None:
+    def _on_poll_error(self, exc: TelegramError) -> None:
+        if isinstance(exc, InvalidToken):  # revoked while running: no retry can help
+            log.error("telegram: the bot token was refused while running; check TELEGRAM_BOT_TOKEN")
+            self.failed.set()
+            return
         log.warning("telegram: polling failed, retrying: %s", exc)

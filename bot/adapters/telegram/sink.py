@@ -10,9 +10,9 @@ from dataclasses import dataclass
 
 from telegram import Bot, InlineKeyboardMarkup, ReplyParameters
 from telegram.constants import ChatAction, ParseMode
-from telegram.error import BadRequest, Forbidden, NetworkError, RetryAfter, TelegramError
+from telegram.error import BadRequest, ChatMigrated, Forbidden, NetworkError, RetryAfter, TelegramError
 
-from bot.adapters.streaming import (Fatal, MessageGone, MessageOps, NotModified, Pacer, RetryLater,
+from bot.adapters.streaming import (DEFAULT_GIVE_UP_S, Fatal, MessageGone, MessageOps, NotModified, Pacer, RetryLater,
                                     StreamingMessage, StreamingSink, TooLong, TransientError)
 from bot.adapters.telegram.formatting import has_markup, markdown_to_html
 from bot.adapters.textsplit import utf16_length
@@ -24,6 +24,10 @@ MESSAGE_LIMIT = 4096  # characters (UTF-16 units) after entity parsing
 TYPING_REFRESH_S = 4.0  # "typing" shows for up to 5 s
 PLACEHOLDER = "✍️ …"
 PLAIN_RETRY_ERRORS = ("can't parse entities", "can't find end", "unsupported start tag")
+# 400s that no retry will cure: the bot may not write here (any more), or the place is gone.
+PERMANENT_ERRORS = ("chat not found", "bot was kicked", "not enough rights", "have no rights", "chat_write_forbidden",
+                    "need administrator rights", "topic_closed", "message thread not found", "group chat was deactivated",
+                    "bot is not a member")
 
 
 def queue_status(position: int, eta_s: float | None) -> str:
@@ -54,7 +58,7 @@ def translate(exc: TelegramError) -> Exception:
             return MessageGone()
         if "message is too long" in words:
             return TooLong()
-        if "chat not found" in words or "bot was kicked" in words:
+        if any(w in words for w in PERMANENT_ERRORS):
             return Fatal(str(exc))
         return exc
     if isinstance(exc, Forbidden):
@@ -87,7 +91,12 @@ class TelegramOps(MessageOps[int]):
 
     async def _call(self, make: object) -> object:
         try:
-            return await make()  # type: ignore[operator]
+            try:
+                return await make()  # type: ignore[operator]
+            except ChatMigrated as exc:  # the group became a supergroup: it lives on under a new id
+                log.warning("telegram: chat %s moved to %s; continuing there", self.chat_id, exc.new_chat_id)
+                self.chat_id = int(exc.new_chat_id)
+                return await make()  # type: ignore[operator]
         except TelegramError as exc:
             mapped = translate(exc)
             if mapped is exc:
@@ -168,8 +177,9 @@ class TelegramSink(StreamingSink):
 
     stream: StreamingMessage[int]
 
-    def __init__(self, ops: TelegramOps, pacer: Pacer, typing: Typing | None = None) -> None:
-        super().__init__(StreamingMessage(ops, pacer))
+    def __init__(self, ops: TelegramOps, pacer: Pacer, typing: Typing | None = None, *,
+                 give_up_s: float = DEFAULT_GIVE_UP_S) -> None:
+        super().__init__(StreamingMessage(ops, pacer, give_up_s))
         self.typing = typing
 
     async def queued(self, position: int, eta_s: float | None) -> None:
