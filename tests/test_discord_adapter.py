@@ -155,7 +155,7 @@ async def test_guild_ids_sync_the_commands_to_that_guild_instead(discord_world) 
         assert [scope for scope, _ in w.fake.command_puts] == [w.guild["id"]]
         assert {c["name"] for c in w.fake.commands[w.guild["id"]]} == {"chat", "reset", "model", "stop"}
         inter = await w.chat("hi there")
-        assert inter.content == "You said: hi there (turn 1)"
+        assert inter.content == "You said: Alice: hi there (turn 1)"
 
 
 # --------------------------------------------------------------------------- /chat
@@ -175,10 +175,10 @@ async def test_chat_defers_then_edits_the_original_with_growing_text(discord_wor
 
 async def test_chat_keeps_history_per_channel_over_several_turns(discord_world) -> None:
     async with discord_world() as w:
-        assert (await w.chat("one")).content == "You said: one (turn 1)"
+        assert (await w.chat("one")).content == "You said: Alice: one (turn 1)"
         # a second person in the channel: from now on each user turn names its speaker
         assert (await w.chat("two", user=w.bob)).content == "You said: Bob: two (turn 2)"
-        assert (await w.chat("elsewhere", channel=w.other_channel)).content == "You said: elsewhere (turn 1)"
+        assert (await w.chat("elsewhere", channel=w.other_channel)).content == "You said: Alice: elsewhere (turn 1)"
         assert (await w.chat("three")).content == "You said: Alice: three (turn 3)"
         prompts = w.service.toy_engines.engines["toy-a"].prompts
         assert [m.content for m in prompts[-1] if m.role == "user"] == ["Alice: one", "Bob: two", "Alice: three"]
@@ -190,7 +190,7 @@ async def test_reset_answers_ephemerally_and_forgets_the_channel(discord_world) 
         reset = await w.command("reset", user=w.carol)  # in a channel: a moderator's command
         assert reset.ephemeral and reset.ack_type == 5
         assert reset.content == "History cleared. Let's start over."
-        assert (await w.chat("again")).content == "You said: again (turn 1)"
+        assert (await w.chat("again")).content == "You said: Alice: again (turn 1)"
 
 
 async def test_model_autocomplete_marks_the_current_model_and_switching_works(discord_world) -> None:
@@ -208,7 +208,7 @@ async def test_model_autocomplete_marks_the_current_model_and_switching_works(di
         assert w.service.current_model == "toy-b"
         listing = await w.command("model")
         assert "* toy-b" in listing.content and listing.ephemeral
-        assert (await w.chat("hello")).content == "You said: hello (turn 1)"
+        assert (await w.chat("hello")).content == "You said: Alice: hello (turn 1)"
         assert w.service.toy_engines.engines["toy-b"].prompts
 
 
@@ -254,13 +254,13 @@ async def test_a_mention_is_answered_with_a_reply_that_is_then_edited(discord_wo
         assert reply["content"] == " ".join(f"w{i}" for i in range(30))
         assert len(reply.get("_edits", [])) >= 2 and growing([reply["_edits"][0], reply["content"]])
         prompt = w.service.toy_engines.engines["toy-a"].prompts[-1]
-        assert prompt[-1].content == "count please"  # the mention itself is not part of the prompt
+        assert prompt[-1].content == "Alice: count please"  # the mention itself is not part of the prompt
 
 
 async def test_mentioning_the_bots_role_counts_as_mentioning_the_bot(discord_world) -> None:
     async with discord_world() as w:
         await w.say(f"{w.fake.bot_role_mention(w.guild)} are you there?")
-        assert [m["content"] for m in w.fake.bot_messages(w.channel)] == ["You said: are you there? (turn 1)"]
+        assert [m["content"] for m in w.fake.bot_messages(w.channel)] == ["You said: Alice: are you there? (turn 1)"]
 
 
 async def test_channel_messages_that_do_not_address_the_bot_are_ignored(discord_world) -> None:
@@ -277,7 +277,7 @@ async def test_replying_to_the_bot_without_a_mention_continues_the_conversation(
         (answer,) = w.fake.bot_messages(w.channel)
         await w.say("second", reply_to=answer)
         replies = w.fake.bot_messages(w.channel)
-        assert [m["content"] for m in replies] == ["You said: first (turn 1)", "You said: second (turn 2)"]
+        assert [m["content"] for m in replies] == ["You said: Alice: first (turn 1)", "You said: Alice: second (turn 2)"]
 
 
 async def test_direct_messages_are_prompts_and_text_commands_work_there(discord_world) -> None:
@@ -299,7 +299,7 @@ async def test_threads_have_their_own_history(discord_world) -> None:
         await w.fake.dispatch("THREAD_CREATE", thread | {"newly_created": True})
         await w.say(f"{w.fake.mention()} in channel")
         await w.say(f"{w.fake.mention()} in thread", channel=thread)
-        assert [m["content"] for m in w.fake.bot_messages(thread)] == ["You said: in thread (turn 1)"]
+        assert [m["content"] for m in w.fake.bot_messages(thread)] == ["You said: Alice: in thread (turn 1)"]
 
 
 # --------------------------------------------------------------------------- long replies, limits
@@ -381,7 +381,7 @@ async def test_missing_permissions_give_up_at_once_and_the_reply_is_still_stored
                          count=100)
         await w.say(f"{w.fake.mention()} hello")
         assert len(w.fake.calls_to("POST", r"/channels/\d+/messages$")) == 1  # no retry storm
-        assert await w.stored_replies(w.channel) == ["You said: hello (turn 1)"]
+        assert await w.stored_replies(w.channel) == ["You said: Alice: hello (turn 1)"]
 
 
 # --------------------------------------------------------------------------- access
@@ -395,20 +395,20 @@ async def test_unauthorized_users_are_refused_politely_and_privately(discord_wor
         await w.say(f"{w.fake.mention()} pretty please?", user=w.bob)
         (reply,) = [m for m in w.fake.bot_messages(w.channel) if "webhook_id" not in m]  # told once, not twice
         assert reply["content"] == "Sorry, you are not allowed to use this bot."
-        assert (await w.chat("hi")).content == "You said: hi (turn 1)"  # alice is fine
-        assert w.service.toy_engines.engines["toy-a"].prompts[-1][-1].content == "hi"
+        assert (await w.chat("hi")).content == "You said: Alice: hi (turn 1)"  # alice is fine
+        assert w.service.toy_engines.engines["toy-a"].prompts[-1][-1].content == "Alice: hi"
 
 
 async def test_allowed_roles_let_members_with_the_role_in(discord_world) -> None:
     async with discord_world(settings=lambda ids: {"discord_allowed_roles": next(
             r["id"] for r in ids["guild"]["roles"] if r["name"] == "chatters")}) as w:
-        assert (await w.chat("hi")).content == "You said: hi (turn 1)"
+        assert (await w.chat("hi")).content == "You said: Alice: hi (turn 1)"
         assert (await w.chat("me too", user=w.bob)).content == "Sorry, you are not allowed to use this bot."
 
 
 async def test_allowed_chats_let_everyone_in_a_listed_channel_in(discord_world) -> None:
     async with discord_world(settings=lambda ids: {"allowed_chats": ids["channel"]["id"]}) as w:
-        assert (await w.chat("hi", user=w.bob)).content == "You said: hi (turn 1)"
+        assert (await w.chat("hi", user=w.bob)).content == "You said: Bob: hi (turn 1)"
         refused = await w.chat("hi", user=w.bob, channel=w.other_channel)
         assert refused.content == "Sorry, you are not allowed to use this bot."
 
@@ -429,7 +429,7 @@ async def test_outside_the_allowed_channels_the_bot_stays_silent(discord_world) 
         assert w.fake.bot_messages(w.other_channel) == []
         elsewhere = await w.chat("hello?", channel=w.other_channel)
         assert elsewhere.ephemeral and elsewhere.content == "Sorry, I don't answer in this channel."
-        assert (await w.chat("here")).content == "You said: here (turn 1)"
+        assert (await w.chat("here")).content == "You said: Alice: here (turn 1)"
 
 
 # --------------------------------------------------------------------------- gateway facts
@@ -440,7 +440,7 @@ async def test_without_the_message_content_intent_mentions_still_work(discord_wo
         assert not w.adapter.message_content
         assert "Message Content Intent" in caplog.text
         await w.say(f"{w.fake.mention()} still there?")
-        assert [m["content"] for m in w.fake.bot_messages(w.channel)] == ["You said: still there? (turn 1)"]
+        assert [m["content"] for m in w.fake.bot_messages(w.channel)] == ["You said: Alice: still there? (turn 1)"]
 
 
 async def test_the_bot_token_never_appears_in_the_logs(discord_world, caplog) -> None:

@@ -53,17 +53,17 @@ async def test_both_adapters_share_one_queue_and_model(make_toy_service: Any, mo
                     inter = await discord_fake.interact("chat", bob, channel, {"prompt": "dc"})
 
                     tg_final = " ".join(f"tg-{i}" for i in range(WORDS))
-                    dc_final = " ".join(f"dc-{i}" for i in range(WORDS))
+                    dc_final = " ".join(f"Bob: dc-{i}" for i in range(WORDS))  # a guild channel: the turn names its speaker
                     await discord_fake.wait_for(lambda: inter.content == dc_final, timeout=20)
                     await tg_fake.wait_for(lambda: [m.text for m in tg_fake.bot_messages(ALICE_TG)] == [tg_final])
 
                     # Discord's request waited in the one queue while Telegram's reply was generated.
                     assert any(e.startswith("⏳ Waiting in line: number 1") for e in inter.original_edits)
-                    first_text = next(e for e in inter.original_edits if e.startswith("dc-"))
+                    first_text = next(e for e in inter.original_edits if e.startswith("Bob: dc-"))
                     assert inter.original_edits.index(first_text) > 0
                     engine = service.toy_engines.engines["toy-a"]
                     assert list(service.toy_engines.engines) == ["toy-a"]  # one model for both
-                    assert [p[-1].content for p in engine.prompts] == ["tg", "dc"]
+                    assert [p[-1].content for p in engine.prompts] == ["tg", "Bob: dc"]
                 finally:
                     await discord_adapter.stop()
                     await telegram.stop()

@@ -120,13 +120,13 @@ async def test_group_answers_only_when_addressed(make_toy_service: MakeService) 
         await fake.user_says("hello everyone", chat=group)
         await fake.user_says("/help@some_other_bot", chat=group)
         await fake.user_says("@quant_test_bot what is GPTQ?", chat=group)
-        await wait_text(fake, -100, "You said: what is GPTQ? (turn 1)")
+        await wait_text(fake, -100, "You said: Alice: what is GPTQ? (turn 1)")
         assert len(fake.bot_messages(-100)) == 1  # the chatter and the other bot's command were ignored
         reply = fake.bot_messages(-100)[0]
         assert fake.calls_to("sendMessage", -100)[0].params["reply_parameters"]["message_id"] == 3
 
         await fake.user_says("and AWQ?", chat=group, reply_to=reply.message_id)  # a reply to the bot
-        await wait_text(fake, -100, "You said: and AWQ? (turn 2)")
+        await wait_text(fake, -100, "You said: Alice: and AWQ? (turn 2)")
         await fake.user_says("/help@quant_test_bot", chat=group)
         await wait_contains(fake, -100, "/reset")
         fake.set_member_status(-100, ALICE, "creator")  # /reset in a group: its administrators only
@@ -141,11 +141,11 @@ async def test_forum_topics_keep_separate_histories(make_toy_service: MakeServic
     async with running_bot(make_toy_service) as (fake, service):
         forum = fake.group_chat(-1001234567890123, "Forum", forum=True)
         await fake.user_says("@quant_test_bot hi", chat=forum, thread_id=11)
-        await wait_text(fake, forum["id"], "You said: hi (turn 1)")
+        await wait_text(fake, forum["id"], "You said: Alice: hi (turn 1)")
         await fake.user_says("@quant_test_bot hello", chat=forum, thread_id=22)
-        await wait_text(fake, forum["id"], "You said: hello (turn 1)")  # topic 22 has its own history
+        await wait_text(fake, forum["id"], "You said: Alice: hello (turn 1)")  # topic 22 has its own history
         await fake.user_says("@quant_test_bot again", chat=forum, thread_id=11)
-        await wait_text(fake, forum["id"], "You said: again (turn 2)")
+        await wait_text(fake, forum["id"], "You said: Alice: again (turn 2)")
         threads = {c.params.get("message_thread_id") for c in fake.calls_to("sendMessage", forum["id"])}
         assert threads == {11, 22}  # each answer went to its own topic
 
