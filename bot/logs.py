@@ -7,9 +7,13 @@ token (Discord interaction tokens, the token in a Telegram API URL, `token=` / `
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import logging
+import os
 import re
+import warnings
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -32,6 +36,24 @@ _PLACED_PATTERNS = [
     re.compile(r"((?:Bot|Bearer) )[A-Za-z0-9_.-]{16,}"),
 ]
 _secrets: set[str] = set()
+
+# Third-party lines a user can do nothing about, silenced where they come from unless -v. Environment switches
+# are read by those libraries at import time, so they are set (if the user has not) before any is imported.
+QUIET_ENV = {
+    "GPTQMODEL_DISABLE_GIL_WARNING": "1",  # GPTQModel's "Python GIL is enabled" banner, at import
+    "TRANSFORMERS_VERBOSITY": "error",  # "`loss_type=None` was set ...", advisories
+    "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1",
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",  # Transformers' "Loading weights" / GGUF conversion bars
+}
+QUIET_LOGGERS = {
+    "torchao": logging.ERROR,  # "Failed to load ..._C_mxfp8...so" (GPU-only extensions), "Detected no triton"
+    "torch.utils._pytree": logging.ERROR,  # deprecation notices about torchao's enums, at import
+    "gptqmodel": logging.WARNING,
+    "logbar": logging.WARNING,  # GPTQModel's logger: banner, "Kernel: selected ...", quantization tables
+}
+# (category, module regex) of Python warnings raised inside dependencies, never by us
+QUIET_WARNINGS = ((FutureWarning, r"transformers\."), (DeprecationWarning, r"(torch|transformers|gptqmodel)\."),
+                  (UserWarning, r"(torch|torchao|gptqmodel)\."))
 
 
 def register_secret(value: str | None) -> None:
@@ -90,6 +112,28 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(data, default=str)
 
 
+def quiet_third_party() -> None:
+    """Silence dependencies' banners, notices and progress bars at their source (our own lines stay)."""
+    for name, value in QUIET_ENV.items():
+        os.environ.setdefault(name, value)
+    for name, level in QUIET_LOGGERS.items():
+        logging.getLogger(name).setLevel(level)
+    for category, module in QUIET_WARNINGS:
+        warnings.filterwarnings("ignore", category=category, module=module)
+    _quiet_logbar()
+
+
+def _quiet_logbar() -> None:
+    """GPTQModel's LogBar logger makes itself at INFO, with a blank line on stdout, when first imported: import it
+    here with stdout aside, then lower it (it keeps its level from then on)."""
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            import logbar  # noqa: F401
+    except ImportError:
+        return
+    logging.getLogger("logbar").setLevel(logging.WARNING)
+
+
 def setup_logging(settings: Settings, verbose: bool = False) -> None:
     level = logging.INFO if verbose else getattr(logging, settings.log_level.upper(), logging.WARNING)
     handler = logging.StreamHandler()
@@ -106,3 +150,5 @@ def setup_logging(settings: Settings, verbose: bool = False) -> None:
     for token in (settings.telegram_bot_token, settings.discord_bot_token):
         register_secret(token.get_secret_value() if token else None)
     register_secret(database_password(settings.database_url))  # profiles' API keys: when they are read
+    if level >= logging.WARNING:  # -v (or LOG_LEVEL=INFO/DEBUG) shows them
+        quiet_third_party()
