@@ -105,6 +105,11 @@ class TelegramAdapter:
             allowed_updates=[Update.MESSAGE, Update.CALLBACK_QUERY], error_callback=self._on_poll_error)
         log.info("telegram: polling as @%s", self.username)
 
+    @property
+    def connected(self) -> bool:
+        """Polling for updates (what /healthz asks): not before start, after stop, or once the token is refused."""
+        return self.app.updater is not None and self.app.updater.running and not self.failed.is_set()
+
     async def stop(self) -> None:
         """Stop fetching updates, let replies in progress finish (or be marked), then shut down."""
         if self.app.updater is not None and self.app.updater.running:
