@@ -25,6 +25,7 @@ from bot.metrics import NO_MODEL, MetricsServer, start_metrics
 from tests.conftest import ToyEngines, toy_settings
 from tests.fakes.telegram_api import FakeTelegram
 from tests.test_discord_adapter import discord_world  # noqa: F401 - the fixture
+from tests.test_remote_compose import COMPOSE, compose, parsed, project  # noqa: F401 - the fixture
 
 ROOT = Path(__file__).resolve().parents[1]
 ALICE = 1001
@@ -241,8 +242,6 @@ async def test_compose_healthcheck_passes_only_when_healthz_says_ok(tmp_path: Pa
     check = bot["healthcheck"]
     assert "/healthz" in " ".join(check["test"])
     assert "METRICS_PORT" in bot["environment"]
-    assert "healthcheck" not in _compose_bot("docker-compose.gpu.yml") or \
-        "test" not in _compose_bot("docker-compose.gpu.yml")["healthcheck"]  # the GPU override keeps the same check
 
     port = free_port()
     service = ChatService(toy_settings(tmp_path, metrics_port=port), engine_factory=ToyEngines())
@@ -256,3 +255,12 @@ async def test_compose_healthcheck_passes_only_when_healthz_says_ok(tmp_path: Pa
         await server.stop()
         await service.close()
     assert await _healthcheck_exit(check["test"], port) != 0  # nothing listening
+
+
+@pytest.mark.skipif(COMPOSE is None, reason="no docker compose CLI")
+def test_compose_runs_the_same_check_on_gpu_with_more_time_to_start(project: Path) -> None:  # noqa: F811
+    cpu = parsed(compose(project, "config"))["services"]["bot"]
+    gpu = parsed(compose(project, "-f", str(project / "docker-compose.gpu.yml"), "config"))["services"]["bot"]
+    assert cpu["environment"]["METRICS_PORT"] == "9108"
+    assert gpu["healthcheck"]["test"] == cpu["healthcheck"]["test"]
+    assert gpu["healthcheck"]["start_period"] != cpu["healthcheck"]["start_period"]
