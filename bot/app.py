@@ -11,12 +11,16 @@ from typing import Protocol
 from bot.adapters.terminal import announce_loading, chat_loop
 from bot.config import Settings
 from bot.core.service import ChatService
+from bot.metrics import MetricsServer, start_metrics
 
 log = logging.getLogger(__name__)
 
 
 class Adapter(Protocol):
     failed: asyncio.Event  # set when the platform will not have the bot back: the process exits non-zero
+
+    @property
+    def connected(self) -> bool: ...  # connected to its platform now (/healthz)
 
     async def start(self) -> None: ...
 
@@ -61,13 +65,17 @@ async def run(settings: Settings, stop: asyncio.Event | None = None, service: Ch
         except (NotImplementedError, RuntimeError):
             pass
     started: list[Adapter] = []
+    metrics: MetricsServer | None = None
     try:
+        # Up before the adapters connect and the model loads: /healthz says what is not ready yet.
+        metrics = await start_metrics(settings, service, adapters)
         for adapter in adapters.values():
             await adapter.start()
             started.append(adapter)
         await service.start()
         service_ready.set()
-        print(f"quantbot running on {', '.join(adapters)} with {service.current_model}; Ctrl-C to stop",
+        served = f"; health and metrics on {metrics.url}" if metrics else ""
+        print(f"quantbot running on {', '.join(adapters)} with {service.current_model}{served}; Ctrl-C to stop",
               flush=True)
         lost = await _until_stopped(stop, adapters)
     finally:
@@ -78,6 +86,8 @@ async def run(settings: Settings, stop: asyncio.Event | None = None, service: Ch
             except Exception:  # noqa: BLE001 - stop the others and the service regardless
                 log.exception("adapter failed to stop cleanly")
         await service.close()
+        if metrics is not None:
+            await metrics.stop()
     if lost:
         log.error("stopped because %s lost its connection for good", " and ".join(lost))
         return 1

@@ -146,6 +146,10 @@ class Settings(BaseSettings):
     log_level: str = "WARNING"
     log_json: bool = False
 
+    # --- health and metrics (bot/metrics.py) ---
+    metrics_port: int | None = Field(None, ge=1, le=65535)  # serve /healthz and /metrics on it; unset: off
+    metrics_host: str = "127.0.0.1"  # 0.0.0.0 lets another machine or container (Prometheus) reach it
+
     # --- access (platform user ids / chat ids; empty = everyone allowed) ---
     allowed_users: CsvList = Field(default_factory=list)
     allowed_chats: CsvList = Field(default_factory=list)
@@ -172,6 +176,12 @@ class Settings(BaseSettings):
         "allowed_users", "allowed_chats", "admin_users", "discord_guild_ids",
         "discord_allowed_roles", "discord_allowed_channels", mode="before",
     )(_csv)
+
+    @field_validator("metrics_port", mode="before")
+    @classmethod
+    def _blank_is_unset(cls, value: object) -> object:
+        """`METRICS_PORT=` (as in .env.example) means off, not an invalid port."""
+        return None if isinstance(value, str) and not value.strip() else value
 
     @property
     def profiles_file(self) -> Path:

@@ -24,7 +24,7 @@ import traceback
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, Protocol
 
 from bot.core.messages import ReplyStatus
 from bot.engines.base import CancelToken, ChatMessage, Engine, GenerationParams, StreamStats
@@ -102,6 +102,12 @@ class SwitchJob:
     user_key: str = ""
 
 
+class QueueObserver(Protocol):
+    """Told of every reply that ends, before it is stored (bot/metrics.py counts them); must not block."""
+
+    def reply_finished(self, job: Job, result: JobResult) -> None: ...
+
+
 def release_memory() -> None:
     """Give freed model memory back: Python objects, the CUDA cache, and glibc's heap."""
     gc.collect()
@@ -167,6 +173,7 @@ class GenerationQueue:
         self._next_retry = 0.0
         self._tok_per_s: float | None = None
         self._tokens_per_reply: float | None = None
+        self.observer: QueueObserver | None = None  # set by bot/metrics.py when METRICS_PORT is on
 
     # --- lifecycle ---------------------------------------------------------------------------
     async def start(self, model: str) -> None:
@@ -517,6 +524,8 @@ class GenerationQueue:
         A database that hangs holds this reply's slot for STORE_TIMEOUT_S at most; the store goes
         on in the background.
         """
+        if self.observer is not None:
+            self.observer.reply_finished(job, result)
         try:
             await asyncio.wait_for(asyncio.shield(job.on_finish(result)), STORE_TIMEOUT_S)
         except TimeoutError:
@@ -561,5 +570,5 @@ class GenerationQueue:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn)
 
 
-__all__ = ["Event", "GenerationQueue", "Job", "JobResult", "QueueClosed", "QueueFull", "UserBusy",
+__all__ = ["Event", "GenerationQueue", "Job", "JobResult", "QueueClosed", "QueueFull", "QueueObserver", "UserBusy",
            "forget_traceback", "release_memory"]

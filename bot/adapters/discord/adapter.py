@@ -180,6 +180,12 @@ class DiscordAdapter:
         log.error("Discord: %s; the Discord adapter stopped", why)
         self.failed.set()
 
+    @property
+    def connected(self) -> bool:
+        """The gateway said READY and the client is not closed (what /healthz asks)."""
+        client = self.client
+        return client is not None and client.is_ready() and not client.is_closed() and not self.failed.is_set()
+
     async def stop(self) -> None:
         """Give replies in progress `stop_grace_s` to finish, then disconnect.
 

@@ -105,6 +105,18 @@ class TelegramAdapter:
             allowed_updates=[Update.MESSAGE, Update.CALLBACK_QUERY], error_callback=self._on_poll_error)
         log.info("telegram: polling as @%s", self.username)
 
+    @property
+    def connected(self) -> bool:
+        """Polling for updates (what /healthz asks): not before start, after stop, or once the token is refused.
+
+        python-telegram-bot 22.8 ends its polling task on a refused token without telling the error
+        callback or clearing `updater.running`, so the task itself is asked.
+        """
+        updater = self.app.updater
+        polling = getattr(updater, "_Updater__polling_task", None)
+        return (updater is not None and updater.running and polling is not None and not polling.done()
+                and not self.failed.is_set())
+
     async def stop(self) -> None:
         """Stop fetching updates, let replies in progress finish (or be marked), then shut down."""
         if self.app.updater is not None and self.app.updater.running:
