@@ -48,3 +48,23 @@ def test_terminal_chat_on_real_build(tmp_path, prepared_models):
     with sqlite3.connect(tmp_path / "chat.db") as conn:
         assert conn.execute("SELECT count(*) FROM messages").fetchone()[0] == 0  # /reset cleared it
         assert conn.execute("SELECT platform, external_id FROM chats").fetchall() == [("terminal", "local")]
+
+
+@pytest.mark.slow
+def test_the_terminal_chat_prints_nothing_but_our_own_lines(prepared_models: Path, tmp_path: Path) -> None:
+    """`python -m bot chat` on the embedded default: no third-party banner, warning or progress bar reaches the
+    terminal before (or with) the first answer, on stdout or stderr."""
+    import os
+
+    env = {k: v for k, v in os.environ.items()
+           if not k.endswith("_BOT_TOKEN") and k not in ("LOG_LEVEL", "PYTHONWARNINGS")}
+    env.update(MODELS_DIR=str(prepared_models), DATABASE_URL=f"sqlite+aiosqlite:///{tmp_path}/bot.db",
+               TORCH_COMPILE="off")  # the compiled step prints nothing more, and costs a minute here
+    done = subprocess.run([sys.executable, "-m", "bot", "chat"], input="What is the capital of France?\n/quit\n",
+                          capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stderr.splitlines() == ["loading smollm2-gptq (on a small CPU this takes about a minute)..."], \
+        done.stderr[-3000:]
+    lines = done.stdout.splitlines()
+    assert lines[0] == "Chatting with smollm2-gptq. /help for commands, /quit to leave.", done.stdout[:2000]
+    assert lines[1].startswith("bot> ") and len(lines[1]) > len("bot> ") and lines[-1] == "bye", done.stdout
