@@ -49,6 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     prep = models.add_parser("prepare", help="build the embedded GPTQ, AWQ and GGUF models")
     prep.add_argument("--only", action="append", choices=["hf", "gptq", "awq", "gguf"],
                       help="build only these (repeatable)")
+    prep.add_argument("--default", action="store_true",
+                      help="build only what the default model (DEFAULT_MODEL) needs, if it is an embedded one")
     prep.add_argument("--force", action="store_true", help="rebuild even if a matching build exists")
     prep.add_argument("--group-size", type=int, default=None, help="GPTQ/AWQ group size (default 32)")
     models.add_parser("eval", help="perplexity of each build on held-out text, as ratios to unquantized")

@@ -166,3 +166,14 @@ def test_library_versions_and_the_hf_build_underneath_are_part_of_the_key(
     monkeypatch.setattr(prep, "_version", real)
     monkeypatch.setattr(prep, "BUILD_CODE", dict(prep.BUILD_CODE, hf=(recipes, prep)))  # hf's code "changed"
     assert prep.stale_reason(tmp_path, "awq", source) == "the hf build it starts from changed"
+
+
+def test_prepare_default_builds_only_what_the_default_model_needs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    """`scripts/run` asks for the default model's build alone (here gguf: a copy); nothing else is made."""
+    monkeypatch.setenv("MODELS_DIR", str(tmp_path))
+    monkeypatch.setenv("DEFAULT_MODEL", "smollm2-gguf")
+    monkeypatch.delenv("MODELS_FILE", raising=False)
+    assert main(["models", "prepare", "--default"]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == ["smollm2-135m-gguf"]
+    assert "gguf" in capsys.readouterr().out

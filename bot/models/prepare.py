@@ -242,9 +242,22 @@ def _prepare_locked(models_dir: Path, order: list[str], wanted: list[str], sourc
     return results
 
 
+def default_kinds(settings: Settings) -> list[str]:
+    """The build the default model runs on ([] when it is not an embedded one): a first chat waits for nothing else."""
+    from bot.config import is_embedded
+
+    profile = settings.profiles.get(settings.default_model)
+    return [profile.format] if profile is not None and is_embedded(profile) and profile.format in KINDS else []
+
+
 def cmd_prepare(args: argparse.Namespace, settings: Settings) -> int:
     group_size = args.group_size or DEFAULT_GROUP_SIZE
-    results = prepare(settings.models_dir, kinds=args.only, force=args.force, group_size=group_size)
+    kinds = args.only
+    if getattr(args, "default", False):
+        kinds = (kinds or []) + default_kinds(settings)
+        if not kinds:
+            return 0  # the default model is the user's own: nothing of ours to build
+    results = prepare(settings.models_dir, kinds=kinds, force=args.force, group_size=group_size)
     for r in results:
         state = f"built in {r.seconds:.0f}s" if r.built else "up to date"
         print(f"{r.kind:5} {state:18} {r.path}")
