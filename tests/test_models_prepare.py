@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -177,3 +178,23 @@ def test_prepare_default_builds_only_what_the_default_model_needs(tmp_path: Path
     assert main(["models", "prepare", "--default"]) == 0
     assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == ["smollm2-135m-gguf"]
     assert "gguf" in capsys.readouterr().out
+
+
+def test_prepare_shows_one_bar_per_build_and_one_line_each_and_keeps_gptqmodels_output_off(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]) -> None:
+    _fake_hf_recipe(monkeypatch)
+
+    def build_quantized(kind: str, hf_dir: Path, out: Path, group_size: int, progress) -> None:  # noqa: ANN001
+        for layer in range(4):
+            os.write(1, f"GPTQModel table row {layer}\n".encode())  # its LogBar writes to the stdout fd it captured
+            progress("layer", layer + 1, 4)
+        out.mkdir(parents=True)
+
+    monkeypatch.setattr(prep.recipes, "build_quantized", build_quantized)
+    monkeypatch.setenv("MODELS_DIR", str(tmp_path))
+    monkeypatch.delenv("MODELS_FILE", raising=False)
+    assert main(["models", "prepare", "--only", "gptq"]) == 0
+    out, err = capfd.readouterr()
+    assert "GPTQModel table" not in out + err
+    assert [line.split()[:2] for line in out.splitlines()] == [["hf", "built"], ["gptq", "built"]]
+    assert "gptq: layer" in err and "4/4" in err and "hf: not built, building" in err

@@ -25,10 +25,12 @@ import importlib.metadata
 import importlib.util
 import json
 import logging
+import os
 import shutil
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -188,8 +190,61 @@ def _swap_into_place(tmp: Path, final: Path) -> None:
     tmp.rename(final)
 
 
+class _BuildBar:
+    """One progress bar per build (stage and layer) on stderr; GPTQModel's own bars and tables go quiet unless -v."""
+
+    def __init__(self, kind: str, verbose: bool) -> None:
+        from tqdm import tqdm
+
+        self.kind, self.verbose = kind, verbose
+        self.bar = tqdm(total=1, desc=f"{kind}: starting", unit="layer", file=sys.stderr, leave=False,
+                        bar_format="{desc} {bar} {n_fmt}/{total_fmt} [{elapsed}]", disable=verbose)
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        if self.bar.disable:
+            return
+        self.bar.set_description_str(f"{self.kind}: {stage}", refresh=False)
+        self.bar.total = total
+        self.bar.n = done
+        self.bar.refresh()
+
+    def __enter__(self) -> _BuildBar:
+        self._quiet = None if self.verbose else _stdout_aside()
+        if self._quiet is not None:
+            self._quiet.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._quiet is not None:
+            self._quiet.__exit__(*exc)
+        self.bar.close()
+
+
+@contextmanager
+def _stdout_aside() -> Iterator[None]:
+    """GPTQModel (LogBar) writes its tables and bars straight to the stdout it captured at import: the file
+    descriptor itself goes to /dev/null for the build, then comes back. Errors still reach stderr and the log.
+    Transformers' GGUF conversion bar is a plain tqdm on stderr, made quiet for the build."""
+    import functools
+
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+
+    sys.stdout.flush()
+    saved, gguf_bar = os.dup(1), gguf_utils.tqdm
+    gguf_utils.tqdm = functools.partial(gguf_bar, disable=True)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 1)
+        yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
+        gguf_utils.tqdm = gguf_bar
+
+
 def prepare(models_dir: Path, kinds: Iterable[str] | None = None, force: bool = False,
-            group_size: int = DEFAULT_GROUP_SIZE) -> list[BuildResult]:
+            group_size: int = DEFAULT_GROUP_SIZE, verbose: bool = True) -> list[BuildResult]:
     """Make sure the requested builds exist and are current; gptq/awq bring in hf (their input)."""
     models_dir = Path(models_dir).expanduser()
     wanted = list(dict.fromkeys(kinds or KINDS))
@@ -201,11 +256,11 @@ def prepare(models_dir: Path, kinds: Iterable[str] | None = None, force: bool = 
     models_dir.mkdir(parents=True, exist_ok=True)
     with (models_dir / LOCK_FILE).open("w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # another process building here: wait, then reuse its builds
-        return _prepare_locked(models_dir, order, wanted, source, force, group_size)
+        return _prepare_locked(models_dir, order, wanted, source, force, group_size, verbose)
 
 
 def _prepare_locked(models_dir: Path, order: list[str], wanted: list[str], source: Path, force: bool,
-                    group_size: int) -> list[BuildResult]:
+                    group_size: int, verbose: bool) -> list[BuildResult]:
     results: list[BuildResult] = []
     for kind in order:
         final = build_path(models_dir, kind)
@@ -221,12 +276,14 @@ def _prepare_locked(models_dir: Path, order: list[str], wanted: list[str], sourc
             shutil.rmtree(tmp)
         start = time.perf_counter()
         try:
-            if kind == "hf":
-                recipes.build_hf(source, tmp)
-            elif kind == "gguf":
-                recipes.build_gguf(source, tmp)
-            else:
-                recipes.build_quantized(kind, build_path(models_dir, "hf"), tmp, group_size)
+            with _BuildBar(kind, verbose) as progress:
+                if kind == "hf":
+                    progress("converting", 0, 1)
+                    recipes.build_hf(source, tmp)
+                elif kind == "gguf":
+                    recipes.build_gguf(source, tmp)
+                else:
+                    recipes.build_quantized(kind, build_path(models_dir, "hf"), tmp, group_size, progress)
             seconds = time.perf_counter() - start
             _write_manifest(tmp, expected_manifest(kind, source, group_size), seconds)
             _swap_into_place(tmp, final)
@@ -257,7 +314,8 @@ def cmd_prepare(args: argparse.Namespace, settings: Settings) -> int:
         kinds = (kinds or []) + default_kinds(settings)
         if not kinds:
             return 0  # the default model is the user's own: nothing of ours to build
-    results = prepare(settings.models_dir, kinds=kinds, force=args.force, group_size=group_size)
+    results = prepare(settings.models_dir, kinds=kinds, force=args.force, group_size=group_size,
+                      verbose=bool(getattr(args, "verbose", False)))
     for r in results:
         state = f"built in {r.seconds:.0f}s" if r.built else "up to date"
         print(f"{r.kind:5} {state:18} {r.path}")

@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Callable
 from contextlib import nullcontext
 from importlib import resources
 from pathlib import Path
 from typing import Any
+
+Progress = Callable[[str, int, int], None]  # (stage, done, total): what a build is doing, for a progress bar
 
 from bot.errors import BotError
 from bot.models.awq_recipe import awq_then_gptq
@@ -95,7 +98,11 @@ def calibration_samples(tokenizer: Any, max_samples: int) -> list[dict[str, list
     return [{"input_ids": s, "attention_mask": [1] * len(s)} for s in samples]
 
 
-def build_quantized(kind: str, hf_dir: Path, out: Path, group_size: int) -> None:
+def _no_progress(stage: str, done: int, total: int) -> None:
+    pass
+
+
+def build_quantized(kind: str, hf_dir: Path, out: Path, group_size: int, progress: Progress = _no_progress) -> None:
     """GPTQ or AWQ 4-bit quantization of the hf build with GPTQModel."""
     # GPTQModel 7.6 asks for 2 CPU loader workers but sizes its CPU pool to (cores+1)//2, which is 1 on a
     # 2-core machine and makes quantize() fail; an explicit worker count avoids that.
@@ -111,11 +118,17 @@ def build_quantized(kind: str, hf_dir: Path, out: Path, group_size: int) -> None
     else:  # "zero_point": true in the checkpoint; GPTQModel's AWQ is symmetric unless told otherwise
         config = QuantizeConfig(quant_method="awq", format="gemm", sym=QUANT_SYM, **common)
     device = "cuda:0" if torch.cuda.is_available() else "cpu"
+    progress("loading", 0, 1)
     model = GPTQModel.load(str(hf_dir), config, device=device)
+    layers = int(model.model.config.num_hidden_layers)
+    # GPTQModel calls this as each decoder layer is done (ModuleLooper.callbackup); it only reports.
+    model.layer_callback = lambda layer_idx, submodule_finalized=True, **_: progress("layer", layer_idx + 1, layers)
     # On CPU the AWQ GEMM packer has no kernel; the portable torch one writes the same GEMM format.
     backend = BACKEND.AWQ_TORCH if kind == "awq" and device == "cpu" else BACKEND.AUTO
+    progress("layer", 0, layers)
     with awq_then_gptq() if kind == "awq" else nullcontext():
         model.quantize(calibration_samples(tokenizer, CALIBRATION_MAX_SAMPLES[kind]), batch_size=1, backend=backend)
+    progress("saving", layers, layers)
     model.save(str(out))
     tokenizer.save_pretrained(out)
     write_generation_defaults(out, tokenizer)
