@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+
+from bot.core.messages import ReplyStatus
+from bot.core.service import FOLDED
+from tests.core_helpers import running, say, until, waiting
 from tests.test_telegram_access import BOB, GROUP, LONG
 from tests.test_telegram_adapter import MakeService, running_bot, texts, wait_contains
 
@@ -42,3 +47,19 @@ async def test_stop_removes_your_waiting_message_not_the_running_reply_of_someon
         await fake.user_says("/stop", chat=group, user_id=BOB, name="Bob")  # nothing of his left: hers is not his
         await wait_contains(fake, GROUP, "answers someone else")
         assert service.queue.is_running(key)
+
+
+async def test_a_message_folded_into_a_waiting_request_makes_it_yours_to_stop(make_toy_service: MakeService) -> None:
+    """Carol's message joined Bob's waiting request: it answers her too, so her /stop may remove it."""
+    async with make_toy_service(delay_s=0.05) as service:
+        alice = asyncio.create_task(say(service, LONG, chat="g", user="alice", is_group=True, is_admin=False))
+        await until(lambda: running(service, "g"))
+        bob = asyncio.create_task(say(service, "what is AWQ?", chat="g", user="bob", is_group=True, is_admin=False))
+        await until(lambda: waiting(service, "g"))
+        carol = await say(service, "and GPTQ?", chat="g", user="carol", is_group=True, is_admin=False)
+        assert carol.notices == [FOLDED]
+        stop = await say(service, "/stop", chat="g", user="carol", is_group=True, is_admin=False)
+        assert stop.notices == ["Removed your waiting message."] and not stop.errors
+        assert (await bob).status == ReplyStatus.CANCELLED
+        assert running(service, "g")  # Alice's reply is not Carol's: it goes on
+        assert (await alice).status == ReplyStatus.COMPLETE
