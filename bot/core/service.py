@@ -295,8 +295,10 @@ class ChatService:
             return
         await self.store.finish(record.reply_row, result.text, result.status,
                                 token_count=result.stats.completion_tokens, model=result.model)
-        if result.status == ReplyStatus.FAILED:  # the asker is told to try again: the request is not context
-            await self.store.set_status(record.user_rows, MessageStatus.FAILED)  # (else a failing one fails every reply)
+        if result.status == ReplyStatus.FAILED:
+            # The asker is told to try again, so the request is not context later (left in, merged into the
+            # next turn, a message that breaks the engine would fail every later reply of the chat).
+            await self.store.set_status(record.user_rows, MessageStatus.FAILED)
 
     async def _relay(self, job: Job, sink: ReplySink) -> None:
         """Turn queue events into sink calls; sink failures never stop the reply being stored."""
