@@ -16,21 +16,21 @@ create a role with any name in a server of their own):
 - `/model NAME` switches the model for everyone: bot admins only. With no ADMIN_USERS nobody may
   switch from a chat (the terminal, which only the owner can reach, still may).
 - In shared chats `/reset` erases everyone's history: chat administrators (as the platform says)
-  and bot admins only. `/stop` stops a reply that answers the caller's own message; a reply to
-  someone else only a chat administrator or a bot admin may stop.
+  and bot admins only. `/stop` stops the caller's own reply (one whose request holds a message of
+  theirs, running or waiting), whatever else waits; with none of their own, a reply to someone else
+  only a chat administrator or a bot admin may stop.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from bot.config import Settings
     from bot.core.messages import IncomingMessage
-    from bot.storage.store import StoredMessage
 
 log = logging.getLogger(__name__)
 
@@ -110,29 +110,11 @@ def reset_refusal(msg: IncomingMessage) -> str | None:
     return RESET_ADMINS_ONLY
 
 
-def stop_refusal(msg: IncomingMessage, askers: Iterable[str]) -> str | None:
-    """`/stop` of a reply that answers `askers` (user ids): theirs to stop, or a moderator's."""
-    if not msg.is_group or _moderator(msg) or msg.user_id in set(askers):
+def stop_refusal(msg: IncomingMessage) -> str | None:
+    """`/stop` of a reply that answers someone else (the caller's own is always theirs to stop)."""
+    if not msg.is_group or _moderator(msg):
         return None
     return STOP_NOT_YOURS
-
-
-def reply_askers(rows: Sequence[StoredMessage], *, waiting: bool) -> frozenset[str]:
-    """Who the reply `/stop` would hit answers: the authors of the user messages it replies to.
-
-    `rows` are the chat's stored messages, oldest first. A running reply has a `pending` row and
-    answers the user messages since the assistant row before it; a waiting one answers those after
-    the newest assistant row (folded messages included).
-    """
-    last = len(rows)
-    if not waiting:
-        last = next((i for i in range(len(rows) - 1, -1, -1)
-                     if rows[i].role == "assistant" and rows[i].status == "pending"), -1)
-        if last < 0:
-            return frozenset()
-    first = next((i + 1 for i in range(last - 1, -1, -1) if rows[i].role == "assistant"), 0)
-    return frozenset(r.user_id for r in rows[first:last]
-                     if r.role == "user" and r.status != "rejected" and r.user_id)
 
 
 def wants_chat_admin_fact(command: str | None) -> bool:

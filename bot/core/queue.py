@@ -88,11 +88,16 @@ class Job:
     prepare: Prepare  # builds the prompt at start time (so it sees the previous reply of the chat)
     on_finish: Finish  # stores the result; awaited before the `done` event
     user_key: str = ""  # who asked (fairness across all their chats); "" = nobody in particular
+    askers: set[str] = field(default_factory=set)  # whose messages the request holds (folded ones too): theirs to /stop
     on_progress: Progress | None = None  # stores the text so far, every `partial_save_s` while streaming
     events: asyncio.Queue[Event] = field(default_factory=asyncio.Queue)
     cancel: CancelToken = field(default_factory=CancelToken)
     position: int = 0
     started_at: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.user_key:
+            self.askers.add(self.user_key)
 
 
 @dataclass(eq=False)
@@ -258,17 +263,24 @@ class GenerationQueue:
             self._announce_positions()
         self._wake.set()
 
-    async def cancel(self, chat_key: str) -> Literal["running", "queued"] | None:
-        """`/stop`: remove this chat's waiting reply, or stop its running one between tokens."""
+    async def cancel(self, chat_key: str, user_key: str | None = None) -> Literal["running", "queued"] | None:
+        """`/stop`: remove this chat's waiting reply, or stop its running one between tokens.
+
+        With `user_key`, only a reply whose request holds a message of that user: in a shared chat
+        someone else's waiting reply must not shield the caller's own running one.
+        """
+        def hit(job: Job) -> bool:
+            return job.chat_key == chat_key and (user_key is None or user_key in job.askers)
+
         for job in self._waiting:
-            if isinstance(job, Job) and job.chat_key == chat_key:
+            if isinstance(job, Job) and hit(job):
                 self._waiting.remove(job)
                 self._announce_positions()
                 await self._finish_unstarted(job, ReplyStatus.CANCELLED, None)
                 self._wake.set()
                 return "queued"
         for job in self._running:
-            if job.chat_key == chat_key:
+            if hit(job):
                 job.cancel.cancel()
                 return "running"
         return None

@@ -55,6 +55,7 @@ class _Record:
     user_rows: list[int] = field(default_factory=list)
     is_group: bool = False
     reply_row: int | None = None
+    askers: set[str] = field(default_factory=set)  # the user keys behind `user_rows` (the job shares this set)
 
 
 def help_text(current_model: str) -> str:
@@ -158,13 +159,12 @@ class ChatService:
             await sink.notice("History cleared. Let's start over.")
         elif name == "stop":
             key = self._key(msg)
-            waiting = self.queue.has_waiting(key)
-            if msg.is_group and (waiting or self.queue.is_running(key)):
-                askers = access.reply_askers(await self.store.messages(chat), waiting=waiting)
-                if refusal := access.stop_refusal(msg, askers):
+            stopped = await self.queue.cancel(key, user_key=self._user_key(msg))  # the caller's own first
+            if stopped is None and (self.queue.has_waiting(key) or self.queue.is_running(key)):
+                if refusal := access.stop_refusal(msg):  # what is left answers someone else
                     await sink.error(refusal)
                     return
-            stopped = await self.queue.cancel(key)
+                stopped = await self.queue.cancel(key)
             await sink.notice({"running": "Stopped your reply.", "queued": "Removed your waiting message.",
                                None: "Nothing to stop."}[stopped])
         elif name == "model":
@@ -230,12 +230,14 @@ class ChatService:
         waiting = self._waiting_records.get(key)
         if waiting is not None and self.queue.has_waiting(key):
             waiting.user_rows.append(user_row)
+            waiting.askers.add(self._user_key(msg))  # their message is in it: theirs to /stop too
             await sink.notice(FOLDED)
             return
         record = _Record(chat, key, [user_row], is_group=msg.is_group)
         job = Job(key, prepare=lambda engine: self._prepare(engine, record),
                   on_finish=lambda result: self._store_reply(record, result),
-                  user_key=self._user_key(msg), on_progress=lambda partial: self._save_partial(record, partial))
+                  user_key=self._user_key(msg), askers=record.askers,
+                  on_progress=lambda partial: self._save_partial(record, partial))
         try:
             self.queue.submit(job)
         except (QueueFull, UserBusy, QueueClosed) as exc:
@@ -293,6 +295,10 @@ class ChatService:
             return
         await self.store.finish(record.reply_row, result.text, result.status,
                                 token_count=result.stats.completion_tokens, model=result.model)
+        if result.status == ReplyStatus.FAILED:
+            # The asker is told to try again, so the request is not context later (left in, merged into the
+            # next turn, a message that breaks the engine would fail every later reply of the chat).
+            await self.store.set_status(record.user_rows, MessageStatus.FAILED)
 
     async def _relay(self, job: Job, sink: ReplySink) -> None:
         """Turn queue events into sink calls; sink failures never stop the reply being stored."""

@@ -6,7 +6,7 @@ objects with `bot_command` / `mention` entities; HTML parse mode parsed into ent
 errors: message is not modified, message is too long (4096 UTF-16 units after parsing), can't parse
 entities, message text is empty, message to edit not found, 429 with `parameters.retry_after`.
 Tests inject updates (`user_says`, `press_button`, `user_sends_sticker`) and errors (`fail_next`,
-`drop_next`), and read every call from `calls`.
+`drop_next`, `rate_limit_storm`), and read every call from `calls` (429s served: `served_429`).
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import math
 import re
 import time
 from collections.abc import Callable
@@ -24,6 +25,7 @@ from typing import Any
 from aiohttp import web
 
 MAX_TEXT = 4096
+STORM_METHODS = ("sendMessage", "editMessageText")  # what flood control refuses during a storm
 MAX_CALLBACK_ANSWER = 200
 BOT_ID = 7000001
 
@@ -190,6 +192,24 @@ class FakeTelegram:
         self.member_status: dict[tuple[int, int], str] = {}  # (chat, user) -> getChatMember status
         self.migrated: dict[int, int] = {}  # group id -> the supergroup it became
         self.chats: dict[int, dict[str, Any]] = {}  # chats known without a message in them (a new supergroup)
+        self.served_429 = 0  # "Too Many Requests" answers given, whatever caused them
+        self.fetched_update_id = 0  # the newest update getUpdates has handed to the bot
+        self._storm_until = 0.0
+        self._storm_methods: frozenset[str] = frozenset()
+
+    def rate_limit_storm(self, seconds: float, methods: tuple[str, ...] = STORM_METHODS) -> None:
+        """For `seconds` from now every call of `methods` gets 429 with `retry_after` = the seconds left.
+
+        Flood control as Telegram applies it to a bot that sends too much: the whole bot, every chat.
+        """
+        self._storm_until = time.monotonic() + seconds
+        self._storm_methods = frozenset(methods)
+
+    def _storm_check(self, method: str) -> None:
+        left = self._storm_until - time.monotonic()
+        if left > 0 and method in self._storm_methods:
+            wait = max(1, math.ceil(left))
+            raise ApiError(429, f"Too Many Requests: retry after {wait}", wait)
 
     def migrate_group(self, group_id: int, supergroup_id: int) -> dict[str, Any]:
         """The group is upgraded to a supergroup: calls naming the old id get 400 with migrate_to_chat_id."""
@@ -367,6 +387,7 @@ class FakeTelegram:
                     request.transport.close()
                     raise ConnectionResetError("dropped by test")
                 raise inj.error
+            self._storm_check(method)
             handler = getattr(self, "_m_" + method.lower(), None)
             if handler is None:
                 raise ApiError(404, "Not Found")
@@ -374,6 +395,8 @@ class FakeTelegram:
             return web.json_response({"ok": True, "result": result})
         except ApiError as exc:
             call.error = exc.description
+            if exc.code == 429:
+                self.served_429 += 1
             return web.json_response(exc.body(), status=exc.code)
         finally:
             async with self._changed:
@@ -458,6 +481,8 @@ class FakeTelegram:
                 pending = [u for u in self.updates if u["update_id"] >= offset]
                 left = deadline - time.monotonic()
                 if pending or left <= 0:
+                    if pending[:limit]:
+                        self.fetched_update_id = max(self.fetched_update_id, pending[:limit][-1]["update_id"])
                     return pending[:limit]
                 try:
                     await asyncio.wait_for(self._new_update.wait(), left)
