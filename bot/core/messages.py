@@ -12,7 +12,7 @@ class MessageStatus(StrEnum):
 
     COMPLETE = "complete"  # user: accepted; reply: finished normally
     CANCELLED = "cancelled"  # reply: /stop, shutdown
-    FAILED = "failed"  # reply: engine error, time limit
+    FAILED = "failed"  # reply: engine error, time limit; user: its reply failed (not context again)
     INCOMPLETE = "incomplete"  # reply: process died mid-reply (found at start-up)
     PENDING = "pending"  # reply: being written now
     REJECTED = "rejected"  # user: refused (too long, busy); kept, never answered or used as context
