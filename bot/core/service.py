@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from bot.config import ModelProfile, Settings, build_hint
 from bot.core import access
 from bot.core.messages import IncomingMessage, MessageStatus, ReplySink, ReplyStatus
+from bot.core.personas import Persona, load_personas, persona_of
 from bot.core.prompt import MessageTooLong, Turn, build_prompt
 from bot.core.queue import Event, GenerationQueue, Job, JobResult, QueueClosed, QueueFull, UserBusy
 from bot.engines.base import ChatMessage, Engine, GenerationParams
@@ -26,6 +27,8 @@ COMMANDS = {
     "reset": "forget this chat's history",
     "model": "list models, or /model NAME to switch",
     "stop": "stop your running or queued reply",
+    "system": "show the system prompt, /system TEXT to set it, /system reset",
+    "persona": "list personas, or /persona NAME to choose one",
 }
 
 NOT_ALLOWED = "Sorry, you are not allowed to use this bot."
@@ -40,6 +43,9 @@ TOO_LONG_FOLDED = ("Your {count} waiting messages together are too long: {tokens
 SHUTTING_DOWN = "I'm restarting right now, so I couldn't take your message. Please send it again in a minute."
 NO_MODEL_NOW = "No model could be loaded at all right now; I keep retrying in the background."
 REQUEST_GONE = "Your message was removed before I could answer it."
+MAX_SYSTEM_CHARS = 4000  # a longer system prompt would leave little of a small model's context
+RESET_WORD = "reset"
+SYSTEM_TOO_LONG = "That system prompt is too long: {length} characters, limit {limit}. Nothing was changed."
 
 
 @dataclass
@@ -85,6 +91,7 @@ class ChatService:
                                      fallback_models=[settings.default_model, *settings.profiles],
                                      partial_save_s=settings.partial_save_s)
         self._waiting_records: dict[str, _Record] = {}  # chat key -> the request its waiting reply answers
+        self.personas: dict[str, Persona] = load_personas(settings.personas_file)
         self._started = False
 
     def _default_factory(self, profile: ModelProfile) -> Engine:
@@ -169,6 +176,10 @@ class ChatService:
                                None: "Nothing to stop."}[stopped])
         elif name == "model":
             await self._model_command(msg, sink, arg)
+        elif name == "system":
+            await self._system_command(msg, sink, chat, arg)
+        elif name == "persona":
+            await self._persona_command(msg, sink, chat, arg)
         else:
             await sink.notice(f"Unknown command /{name}.\n" + help_text(self.current_model))
 
@@ -204,6 +215,48 @@ class ChatService:
             await sink.error(f"Could not load {arg}: {exc}. {state}")
             return
         await sink.notice(f"Switched to {now}.")
+
+    async def _system_command(self, msg: IncomingMessage, sink: ReplySink, chat: int, arg: str) -> None:
+        """`/system` shows, `/system TEXT` sets, `/system reset` forgets the chat's own system prompt."""
+        if not arg:
+            own = await self.store.system_prompt(chat)
+            if own is None:
+                await sink.notice(f"System prompt (the default):\n{self.settings.system_prompt}")
+            else:
+                chosen = persona_of(self.personas, own)
+                label = f"persona {chosen}" if chosen else "set for this chat"
+                await sink.notice(f"System prompt ({label}):\n{own}\n\n/system reset returns to the default.")
+            return
+        if refusal := access.prompt_refusal(msg):
+            await sink.error(refusal)
+            return
+        if arg.lower() == RESET_WORD:
+            await self.store.set_system_prompt(chat, None)
+            await sink.notice("System prompt reset to the default.")
+            return
+        if len(arg) > MAX_SYSTEM_CHARS:
+            await sink.error(SYSTEM_TOO_LONG.format(length=len(arg), limit=MAX_SYSTEM_CHARS))
+            return
+        await self.store.set_system_prompt(chat, arg)
+        await sink.notice("System prompt set for this chat. It applies from the next reply on.")
+
+    async def _persona_command(self, msg: IncomingMessage, sink: ReplySink, chat: int, arg: str) -> None:
+        """`/persona` lists the presets (current one marked); `/persona NAME` stores its prompt."""
+        if not arg:
+            current = persona_of(self.personas, await self.store.system_prompt(chat))
+            lines = [f"{'* ' if p.name == current else '  '}{p.name}"
+                     + (f" - {p.description}" if p.description else "") for p in self.personas.values()]
+            await sink.notice("Personas (* = current):\n" + "\n".join(lines) + "\nChoose with /persona NAME")
+            return
+        if refusal := access.prompt_refusal(msg):
+            await sink.error(refusal)
+            return
+        persona = self.personas.get(arg.strip().lower())
+        if persona is None:
+            await sink.error(f"Unknown persona {arg!r}. Available: {', '.join(self.personas)}")
+            return
+        await self.store.set_system_prompt(chat, persona.prompt)
+        await sink.notice(f"Persona {persona.name} chosen for this chat.")
 
     # --- prompts -----------------------------------------------------------------------------
     @staticmethod

@@ -65,6 +65,12 @@ class HistoryStore:
         async with self._session() as s:
             return await s.scalar(select(Chat.system_prompt).where(Chat.id == chat_id))
 
+    async def set_system_prompt(self, chat_id: int, prompt: str | None) -> None:
+        """The chat's own system prompt; None returns the chat to the configured default."""
+        async with self._session() as s:
+            await s.execute(update(Chat).where(Chat.id == chat_id).values(system_prompt=prompt))
+            await s.commit()
+
     async def add(self, chat_id: int, role: str, content: str, status: MessageStatus = MessageStatus.COMPLETE, *,
                   user_id: str | None = None, author_name: str | None = None, model: str | None = None,
                   token_count: int | None = None) -> int:

@@ -17,7 +17,7 @@ from bot.adapters.streaming import Pacer
 from bot.adapters.telegram.sink import TelegramOps, TelegramSink, Typing
 from bot.core.access import AccessPolicy, Verdict, wants_chat_admin_fact
 from bot.core.messages import IncomingMessage
-from bot.core.service import parse_command
+from bot.core.service import COMMANDS, parse_command
 from bot.errors import BotError
 
 if TYPE_CHECKING:
@@ -35,13 +35,10 @@ CHAT_ADMIN_STATUSES = ("creator", "administrator")  # getChatMember statuses tha
 MODEL_BUTTON_PREFIX = "model:"
 UNSUPPORTED = ("I can only read text messages. Please type your question "
                "(stickers, photos, voice and files are not supported).")
-COMMAND_HELP = {
-    "start": "say hello and show what I can do",
-    "help": "list the commands",
-    "reset": "forget this chat's history",
-    "model": "list models, or /model NAME to switch",
-    "stop": "stop your running or queued reply",
-}
+PERSONA_BUTTON_PREFIX = "persona:"
+# A pressed button is the command it stands for, with what the button names as its argument.
+BUTTON_COMMANDS = {MODEL_BUTTON_PREFIX: "model", PERSONA_BUTTON_PREFIX: "persona"}
+BUTTON_ANSWERS = {"model": "Switching to {}…", "persona": "Choosing {}…"}
 
 
 def _quiet_retry_after(record: logging.LogRecord) -> bool:
@@ -80,7 +77,8 @@ class TelegramAdapter:
             .build()
         )
         self.app.add_handler(MessageHandler(filters.UpdateType.MESSAGE, self._on_message))
-        self.app.add_handler(CallbackQueryHandler(self._on_button, pattern=f"^{MODEL_BUTTON_PREFIX}"))
+        self.app.add_handler(CallbackQueryHandler(
+            self._on_button, pattern="^(" + "|".join(BUTTON_COMMANDS) + ")"))
         self.app.add_error_handler(self._on_error)
         limiter_log = logging.getLogger("telegram.ext.AIORateLimiter")
         if _quiet_retry_after not in limiter_log.filters:
@@ -97,7 +95,7 @@ class TelegramAdapter:
                            f"{type(exc).__name__}") from None
         self.username = self.app.bot.username or ""
         self.bot_id = self.app.bot.id
-        await self.app.bot.set_my_commands([BotCommand(name, what) for name, what in COMMAND_HELP.items()])
+        await self.app.bot.set_my_commands([BotCommand(name, what) for name, what in COMMANDS.items()])
         await self.app.start()
         assert self.app.updater is not None
         await self.app.updater.start_polling(
@@ -202,6 +200,10 @@ class TelegramAdapter:
                                                            callback_data=f"{MODEL_BUTTON_PREFIX}{name}")]
                                      for name in self.service.model_names()])
 
+    def _persona_keyboard(self) -> InlineKeyboardMarkup:
+        return InlineKeyboardMarkup([[InlineKeyboardButton(name, callback_data=f"{PERSONA_BUTTON_PREFIX}{name}")]
+                                     for name in self.service.personas])
+
     def _refuse_now(self, user_id: str) -> bool:
         last = self._refused.get(user_id)
         now = time.monotonic()
@@ -250,6 +252,8 @@ class TelegramAdapter:
             keyboard = self._model_keyboard()
         chat_admin = (command is not None and wants_chat_admin_fact(command[0])
                       and await self._is_chat_admin(message, user.id))
+        if command == ("persona", "") and (private or chat_admin or access.admin):  # for those who may choose
+            keyboard = self._persona_keyboard()
         incoming = IncomingMessage("telegram", self._chat_key(message), str(user.id), user.full_name, text,
                                    is_allowed=True, is_admin=access.admin, is_group=not private,
                                    is_chat_admin=chat_admin)
@@ -262,20 +266,23 @@ class TelegramAdapter:
                            ready=self.service_ready)
 
     async def _on_button(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+        """A model or persona button: the same as typing its command, judged for whoever pressed it."""
         query = update.callback_query
         if query is None or query.data is None or not isinstance(query.message, Message):
             return
         message = query.message
         user = query.from_user
         access = self._access(user.id, message)
-        name = query.data.removeprefix(MODEL_BUTTON_PREFIX)
+        prefix = next(p for p in BUTTON_COMMANDS if query.data.startswith(p))
+        command, name = BUTTON_COMMANDS[prefix], query.data.removeprefix(prefix)
         if not access.allowed:
             await query.answer("Sorry, you are not allowed to use this bot.")
             return
-        await query.answer(f"Switching to {name}…")
+        await query.answer(BUTTON_ANSWERS[command].format(name))
+        chat_admin = wants_chat_admin_fact(command) and await self._is_chat_admin(message, user.id)
         incoming = IncomingMessage("telegram", self._chat_key(message), str(user.id), user.full_name,
-                                   f"/model {name}", is_allowed=True, is_admin=access.admin,
-                                   is_group=message.chat.type != ChatType.PRIVATE)
+                                   f"/{command} {name}", is_allowed=True, is_admin=access.admin,
+                                   is_group=message.chat.type != ChatType.PRIVATE, is_chat_admin=chat_admin)
         await self._run(message, incoming, self._sink(message))
 
     async def _on_error(self, update: object, context: ContextTypes.DEFAULT_TYPE) -> None:
