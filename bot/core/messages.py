@@ -16,6 +16,7 @@ class MessageStatus(StrEnum):
     INCOMPLETE = "incomplete"  # reply: process died mid-reply (found at start-up)
     PENDING = "pending"  # reply: being written now
     REJECTED = "rejected"  # user: refused (too long, busy); kept, never answered or used as context
+    SUPERSEDED = "superseded"  # reply: replaced by a regenerated one (/retry); kept, never context again
 
     def in_prompt(self) -> bool:
         """Whether a message with this status is context for later replies (same rule for both roles)."""

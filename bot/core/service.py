@@ -29,6 +29,7 @@ COMMANDS = {
     "stop": "stop your running or queued reply",
     "system": "show the system prompt, /system TEXT to set it, /system reset",
     "persona": "list personas, or /persona NAME to choose one",
+    "retry": "write the last reply again (a new sample)",
 }
 
 NOT_ALLOWED = "Sorry, you are not allowed to use this bot."
@@ -45,6 +46,9 @@ NO_MODEL_NOW = "No model could be loaded at all right now; I keep retrying in th
 REQUEST_GONE = "Your message was removed before I could answer it."
 MAX_SYSTEM_CHARS = 4000  # a longer system prompt would leave little of a small model's context
 RESET_WORD = "reset"
+RETRY_MIN_TEMPERATURE = 0.7  # a regenerated reply is sampled at least this warm, so that it differs
+NOTHING_TO_RETRY = "There is no reply here to write again yet."
+RETRY_WAIT = "I'm still working on a reply here; /retry once it is finished."
 SYSTEM_TOO_LONG = "That system prompt is too long: {length} characters, limit {limit}. Nothing was changed."
 
 
@@ -61,6 +65,7 @@ class _Record:
     user_rows: list[int] = field(default_factory=list)
     is_group: bool = False
     reply_row: int | None = None
+    supersedes: int | None = None  # /retry: the reply row this one replaces once it is complete
 
 
 def help_text(current_model: str) -> str:
@@ -176,6 +181,8 @@ class ChatService:
                                None: "Nothing to stop."}[stopped])
         elif name == "model":
             await self._model_command(msg, sink, arg)
+        elif name == "retry":
+            await self._retry(msg, sink, chat)
         elif name == "system":
             await self._system_command(msg, sink, chat, arg)
         elif name == "persona":
@@ -286,17 +293,48 @@ class ChatService:
             await sink.notice(FOLDED)
             return
         record = _Record(chat, key, [user_row], is_group=msg.is_group)
-        job = Job(key, prepare=lambda engine: self._prepare(engine, record),
+        await self._submit(msg, sink, record, reject_on_refusal=True)
+
+    async def _submit(self, msg: IncomingMessage, sink: ReplySink, record: _Record, *,
+                      reject_on_refusal: bool) -> None:
+        """Queue the reply `record` describes and relay it to `sink`; a refusal is said politely."""
+        job = Job(record.key, prepare=lambda engine: self._prepare(engine, record),
                   on_finish=lambda result: self._store_reply(record, result),
                   user_key=self._user_key(msg), on_progress=lambda partial: self._save_partial(record, partial))
         try:
             self.queue.submit(job)
         except (QueueFull, UserBusy, QueueClosed) as exc:
-            await self.store.set_status(user_row, MessageStatus.REJECTED)
+            if reject_on_refusal:
+                await self.store.set_status(record.user_rows, MessageStatus.REJECTED)
             await sink.error({UserBusy: USER_BUSY, QueueClosed: SHUTTING_DOWN}.get(type(exc), BUSY))
             return
-        self._waiting_records[key] = record
+        self._waiting_records[record.key] = record
         await self._relay(job, sink)
+
+    async def _retry(self, msg: IncomingMessage, sink: ReplySink, chat: int) -> None:
+        """`/retry`: answer the chat's latest request again; the old reply becomes `superseded`
+        once the new one is complete (until then it stays what it was, so a failed retry loses nothing)."""
+        key = self._key(msg)
+        if self.queue.is_running(key) or self.queue.has_waiting(key):
+            await sink.error(RETRY_WAIT)
+            return
+        rows = [r for r in await self.store.messages(chat)
+                if r.status not in (MessageStatus.SUPERSEDED, MessageStatus.REJECTED)]
+        replies = [i for i, r in enumerate(rows) if r.role == "assistant"]
+        unanswered = rows[replies[-1] + 1:] if replies else rows
+        if unanswered:  # the last request never got a reply (stopped while waiting): answer it now
+            request, old = unanswered, None
+        elif replies:
+            last = replies[-1]
+            first = replies[-2] + 1 if len(replies) > 1 else 0
+            request, old = [r for r in rows[first:last] if r.role == "user"], rows[last].id
+        else:
+            request, old = [], None
+        if not request:
+            await sink.error(NOTHING_TO_RETRY)
+            return
+        record = _Record(chat, key, [r.id for r in request], is_group=msg.is_group, supersedes=old)
+        await self._submit(msg, sink, record, reject_on_refusal=False)
 
     async def _prepare(self, engine: Engine, record: _Record) -> tuple[list[ChatMessage], GenerationParams]:
         """Runs when the reply starts: prompt from the history as it is now, then a `pending` row.
@@ -308,9 +346,10 @@ class ChatService:
             del self._waiting_records[record.key]  # later messages queue a new reply instead of folding
         profile = self.profile(self.queue.model)
         gen = self.settings.generation_for(profile)
-        params = GenerationParams(max_new_tokens=gen.max_new_tokens, temperature=gen.temperature,
+        temperature = gen.temperature if record.supersedes is None else max(gen.temperature, RETRY_MIN_TEMPERATURE)
+        params = GenerationParams(max_new_tokens=gen.max_new_tokens, temperature=temperature,
                                   top_p=gen.top_p, repetition_penalty=gen.repetition_penalty)
-        rows = await self.store.context(record.chat)
+        rows = [r for r in await self.store.context(record.chat) if r.id != record.supersedes]
         system = await self.store.system_prompt(record.chat) or self.settings.system_prompt
         mine = set(record.user_rows)
         request = [Turn(r.role, r.content, r.author_name or r.user_id) for r in rows if r.id in mine]
@@ -346,6 +385,8 @@ class ChatService:
             return
         await self.store.finish(record.reply_row, result.text, result.status,
                                 token_count=result.stats.completion_tokens, model=result.model)
+        if record.supersedes is not None and result.status == ReplyStatus.COMPLETE:
+            await self.store.set_status(record.supersedes, MessageStatus.SUPERSEDED)
 
     async def _relay(self, job: Job, sink: ReplySink) -> None:
         """Turn queue events into sink calls; sink failures never stop the reply being stored."""

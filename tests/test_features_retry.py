@@ -1,0 +1,91 @@
+"""/retry and the Regenerate button (issue #18 item 2): core service, Telegram, Discord."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
+
+from bot.core.service import ChatService
+from bot.engines.base import ChatMessage
+from tests.core_helpers import say, stored
+
+MakeService = Callable[..., AbstractAsyncContextManager[ChatService]]
+
+
+def numbered() -> Callable[[list[ChatMessage]], str]:
+    """Each answer names its sample number, as sampling would make each one differ."""
+    count = itertools.count(1)
+    return lambda messages: f"answer {next(count)} to {messages[-1].content}"
+
+
+def prompts(service: ChatService) -> list[list[ChatMessage]]:
+    return service.toy_engines.engines["toy-a"].prompts  # type: ignore[attr-defined]
+
+
+async def test_retry_replaces_the_last_reply_and_the_old_one_never_returns(make_toy_service: MakeService) -> None:
+    async with make_toy_service(script=numbered()) as service:
+        assert (await say(service, "hello")).final == "answer 1 to hello"
+        again = await say(service, "/retry")
+        assert again.final == "answer 2 to hello"
+        assert prompts(service)[1] == prompts(service)[0]  # the same request, without the old answer
+        rows = [(m.role, m.content, m.status) for m in await stored(service)]
+        assert rows == [("user", "hello", "complete"), ("assistant", "answer 1 to hello", "superseded"),
+                        ("assistant", "answer 2 to hello", "complete")]
+        assert (await say(service, "/retry")).final == "answer 3 to hello"
+        await say(service, "thanks")
+        seen = [m.content for m in prompts(service)[-1]]
+        assert "answer 3 to hello" in seen
+        assert not {"answer 1 to hello", "answer 2 to hello"} & set(seen)  # superseded: never sent again
+
+
+async def test_retry_with_nothing_to_retry_or_while_busy(make_toy_service: MakeService) -> None:
+    async with make_toy_service() as service:
+        nothing = await say(service, "/retry")
+        assert nothing.errors == ["There is no reply here to write again yet."]
+        assert await stored(service) == []
+
+
+async def test_a_failed_retry_keeps_the_old_reply(make_toy_service: MakeService) -> None:
+    calls = itertools.count(1)
+
+    def script(messages: list[ChatMessage]) -> str:
+        if next(calls) == 2:
+            raise RuntimeError("engine trouble")
+        return f"fine answer to {messages[-1].content}"
+
+    async with make_toy_service(script=script) as service:
+        await say(service, "hello")
+        failed = await say(service, "/retry")
+        assert failed.final is None and failed.errors  # the person hears it failed
+        statuses = [(m.role, m.status) for m in await stored(service)]
+        assert statuses == [("user", "complete"), ("assistant", "complete"), ("assistant", "failed")]
+        await say(service, "more")
+        assert "fine answer to hello" in [m.content for m in prompts(service)[-1]]
+
+
+async def test_retry_samples_even_when_replies_are_greedy(make_toy_service: MakeService) -> None:
+    async with make_toy_service(temperature=0.0) as service:
+        engine_temps: list[float] = []
+        await say(service, "warm up")
+        engine = service.toy_engines.engines["toy-a"]  # type: ignore[attr-defined]
+        original = engine.stream_chat
+
+        def recording(messages, params, cancel, stats=None):  # type: ignore[no-untyped-def]
+            engine_temps.append(params.temperature)
+            return original(messages, params, cancel, stats)
+
+        engine.stream_chat = recording
+        await say(service, "hello")
+        await say(service, "/retry")
+        assert engine_temps == [0.0, 0.7]
+
+
+async def test_retry_answers_a_request_that_was_stopped_before_its_reply(make_toy_service: MakeService) -> None:
+    async with make_toy_service(script=numbered()) as service:
+        await say(service, "first")
+        chat = await service.store.chat_id("test", "c1")
+        await service.store.add(chat, "user", "second", user_id="u-c1", author_name="Ann")  # stopped while waiting
+        again = await say(service, "/retry")
+        assert again.final == "answer 2 to second"
+        assert [m.status for m in await stored(service) if m.role == "assistant"] == ["complete", "complete"]
