@@ -89,3 +89,65 @@ async def test_retry_answers_a_request_that_was_stopped_before_its_reply(make_to
         again = await say(service, "/retry")
         assert again.final == "answer 2 to second"
         assert [m.status for m in await stored(service) if m.role == "assistant"] == ["complete", "complete"]
+
+
+# --------------------------------------------------------------------------- Telegram
+
+from tests.fakes.telegram_api import FakeTelegram  # noqa: E402
+from tests.test_telegram_adapter import ALICE, _until, running_bot, wait_text  # noqa: E402
+
+RETRY_BUTTON = {"inline_keyboard": [[{"text": "🔄 Regenerate", "callback_data": "retry"}]]}
+
+
+def bot_message(fake: FakeTelegram, chat_id: int, text: str):  # type: ignore[no-untyped-def]
+    return next(m for m in fake.bot_messages(chat_id) if m.text == text)
+
+
+async def test_telegram_regenerate_button_rewrites_the_reply_in_place(make_toy_service: MakeService) -> None:
+    async with running_bot(make_toy_service, script=numbered()) as (fake, service):
+        await fake.user_says("hello")
+        await wait_text(fake, ALICE, "answer 1 to hello")
+        reply = bot_message(fake, ALICE, "answer 1 to hello")
+        await _until(lambda: [1] if reply.reply_markup == RETRY_BUTTON else [])
+        sends = len(fake.calls_to("sendMessage", ALICE))
+
+        await fake.press_button(reply.message_id, "retry", chat=fake.private_chat(ALICE))
+        await wait_text(fake, ALICE, "answer 2 to hello")
+        await _until(lambda: [1] if reply.reply_markup == RETRY_BUTTON else [])
+        assert reply.text == "answer 2 to hello"  # the same message, edited
+        assert len(fake.calls_to("sendMessage", ALICE)) == sends  # no new message
+        assert any(c.params.get("text") == "Writing it again…" for c in fake.calls_to("answerCallbackQuery"))
+        chat = await service.store.chat_id("telegram", str(ALICE))
+        assert [(m.content, m.status) for m in await service.store.messages(chat) if m.role == "assistant"] == [
+            ("answer 1 to hello", "superseded"), ("answer 2 to hello", "complete")]
+
+        await fake.user_says("next")
+        await wait_text(fake, ALICE, "answer 3 to next")
+        newer = bot_message(fake, ALICE, "answer 3 to next")
+        await _until(lambda: [1] if reply.reply_markup is None and newer.reply_markup == RETRY_BUTTON else [])
+
+        await fake.press_button(reply.message_id, "retry", chat=fake.private_chat(ALICE))  # an old button
+        await _until(lambda: [c for c in fake.calls_to("answerCallbackQuery")
+                              if c.params.get("text") == "Only the latest reply can be regenerated."])
+        assert reply.text == "answer 2 to hello" and len(service.toy_engines.engines["toy-a"].prompts) == 3
+
+        await fake.user_says("/retry")  # typed: a new message; the old one loses its button
+        await wait_text(fake, ALICE, "answer 4 to next")
+        await _until(lambda: [1] if newer.reply_markup is None else [])
+        assert newer.text == "answer 3 to next"
+        assert "next" in [m.content for m in service.toy_engines.engines["toy-a"].prompts[-1]]
+
+
+async def test_telegram_regenerate_while_busy_leaves_the_reply_readable(make_toy_service: MakeService) -> None:
+    async with running_bot(make_toy_service, script=numbered(), delay_s=0.2) as (fake, service):
+        await fake.user_says("hello")
+        await wait_text(fake, ALICE, "answer 1 to hello", timeout=20)
+        reply = bot_message(fake, ALICE, "answer 1 to hello")
+        await fake.user_says("a longer question with quite a few words in it")
+        await _until(lambda: [1] if service.queue.is_running(f"telegram:{ALICE}") else [])
+        await fake.press_button(reply.message_id, "retry", chat=fake.private_chat(ALICE))
+        try:
+            await _until(lambda: [m for m in fake.bot_messages(ALICE) if "still working on a reply" in m.text], 20)
+        except AssertionError:
+            raise AssertionError([m.text for m in fake.bot_messages(ALICE)]) from None
+        assert reply.text == "answer 1 to hello"  # the refusal came as a new message

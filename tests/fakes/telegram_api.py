@@ -510,6 +510,21 @@ class FakeTelegram:
         m.history.append(text)
         return self._message_json(m)
 
+    async def _m_editmessagereplymarkup(self, params: dict[str, Any]) -> Any:
+        """Only the inline keyboard changes; no reply_markup removes it. Same errors as editMessageText."""
+        chat = self._chat(params.get("chat_id"))
+        m = self.messages.get((chat["id"], int(params.get("message_id") or 0)))
+        if m is None or m.deleted:
+            raise bad_request("message to edit not found")
+        if not m.from_bot:
+            raise bad_request("message can't be edited")
+        markup = params.get("reply_markup") or None
+        if markup == m.reply_markup:
+            raise ApiError(400, NOT_MODIFIED)
+        self._flood_check(chat["id"])
+        m.reply_markup = markup
+        return self._message_json(m)
+
     async def _m_getchatmember(self, params: dict[str, Any]) -> Any:
         """A ChatMember object: ChatMemberOwner / Administrator / Member / Left (Bot API 7+ shapes)."""
         chat = self._chat(params.get("chat_id"))

@@ -13,6 +13,7 @@ from telegram.error import InvalidToken, NetworkError, TelegramError
 from telegram.ext import AIORateLimiter, Application, CallbackQueryHandler, ContextTypes, MessageHandler, filters
 
 from bot.adapters.delivery import handle_reply, started
+from bot.adapters.regenerate import BUTTON_ID, BUTTON_LABEL, RETRY_COMMAND, STALE, WRITING_AGAIN, LatestReplies, strip
 from bot.adapters.streaming import Pacer
 from bot.adapters.telegram.sink import TelegramOps, TelegramSink, Typing
 from bot.core.access import AccessPolicy, Verdict, wants_chat_admin_fact
@@ -39,6 +40,7 @@ PERSONA_BUTTON_PREFIX = "persona:"
 # A pressed button is the command it stands for, with what the button names as its argument.
 BUTTON_COMMANDS = {MODEL_BUTTON_PREFIX: "model", PERSONA_BUTTON_PREFIX: "persona"}
 BUTTON_ANSWERS = {"model": "Switching to {}…", "persona": "Choosing {}…"}
+REGENERATE_KEYBOARD = InlineKeyboardMarkup([[InlineKeyboardButton(BUTTON_LABEL, callback_data=BUTTON_ID)]])
 
 
 def _quiet_retry_after(record: logging.LogRecord) -> bool:
@@ -66,6 +68,7 @@ class TelegramAdapter:
         self._pacers: dict[int, Pacer] = {}
         self._refused: dict[str, float] = {}
         self._inflight: set[asyncio.Task[object]] = set()
+        self._latest = LatestReplies()  # the messages of each chat's latest reply (its Regenerate button)
         self.app: Application = (  # type: ignore[type-arg]
             Application.builder()
             .token(settings.telegram_bot_token.get_secret_value())
@@ -79,6 +82,7 @@ class TelegramAdapter:
         self.app.add_handler(MessageHandler(filters.UpdateType.MESSAGE, self._on_message))
         self.app.add_handler(CallbackQueryHandler(
             self._on_button, pattern="^(" + "|".join(BUTTON_COMMANDS) + ")"))
+        self.app.add_handler(CallbackQueryHandler(self._on_regenerate, pattern=f"^{BUTTON_ID}$"))
         self.app.add_error_handler(self._on_error)
         limiter_log = logging.getLogger("telegram.ext.AIORateLimiter")
         if _quiet_retry_after not in limiter_log.filters:
@@ -190,7 +194,7 @@ class TelegramAdapter:
         ops = TelegramOps(self.app.bot, chat.id, thread, reply_to, keyboard)
         return TelegramSink(ops, self._pacer(chat.id, chat.type),
                             Typing(self.app.bot, chat.id, thread) if typing else None,
-                            give_up_s=self.settings.delivery_retry_s)
+                            give_up_s=self.settings.delivery_retry_s, reply_buttons=REGENERATE_KEYBOARD)
 
     def _model_keyboard(self) -> InlineKeyboardMarkup:
         current = self.service.current_model
@@ -264,6 +268,7 @@ class TelegramAdapter:
             sink.typing.start()
         await handle_reply(self.service, incoming, sink, log=log, label="telegram", something_wrong=SOMETHING_WRONG,
                            ready=self.service_ready)
+        await self._latest.delivered(self._chat_key(message), sink)
 
     async def _on_button(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
         """A model or persona button: the same as typing its command, judged for whoever pressed it."""
@@ -284,6 +289,31 @@ class TelegramAdapter:
                                    f"/{command} {name}", is_allowed=True, is_admin=access.admin,
                                    is_group=message.chat.type != ChatType.PRIVATE, is_chat_admin=chat_admin)
         await self._run(message, incoming, self._sink(message))
+
+    async def _on_regenerate(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+        """The Regenerate button: `/retry`, shown in place of the reply it is under."""
+        query = update.callback_query
+        if query is None or not isinstance(query.message, Message):
+            return
+        message = query.message
+        user = query.from_user
+        access = self._access(user.id, message)
+        if not access.allowed:
+            await query.answer("Sorry, you are not allowed to use this bot.")
+            return
+        key = self._chat_key(message)
+        if self._latest.is_stale(key, message.message_id):
+            await query.answer(STALE)
+            sink = self._sink(message)
+            await strip(sink, message.message_id)
+            await sink.close()
+            return
+        await query.answer(WRITING_AGAIN)
+        sink = self._sink(message, typing=True)
+        sink.replace_messages(self._latest.messages(key) or [message.message_id])  # type: ignore[arg-type]
+        incoming = IncomingMessage("telegram", key, str(user.id), user.full_name, RETRY_COMMAND, is_allowed=True,
+                                   is_admin=access.admin, is_group=message.chat.type != ChatType.PRIVATE)
+        await self._run(message, incoming, sink)
 
     async def _on_error(self, update: object, context: ContextTypes.DEFAULT_TYPE) -> None:
         log.error("telegram: unhandled error: %s", context.error)
