@@ -151,3 +151,49 @@ async def test_telegram_regenerate_while_busy_leaves_the_reply_readable(make_toy
         except AssertionError:
             raise AssertionError([m.text for m in fake.bot_messages(ALICE)]) from None
         assert reply.text == "answer 1 to hello"  # the refusal came as a new message
+
+
+# --------------------------------------------------------------------------- Discord
+
+from tests.test_discord_adapter import discord_world  # noqa: E402,F401 - the fixture
+
+
+async def test_discord_regenerate_button_rewrites_the_reply_in_place(discord_world) -> None:  # noqa: F811
+    async with discord_world(script=numbered()) as w:
+        await w.say("hello", channel=w.dm)
+        reply = w.fake.bot_messages(w.dm)[-1]
+        assert reply["content"] == "answer 1 to hello"
+        assert w.fake.button_ids(reply) == ["retry"]
+        count = len(w.fake.bot_messages(w.dm))
+
+        press = await w.fake.press(reply, "retry", w.alice)
+        await w.until_idle()
+        assert press.ack_type == 6  # deferred update: no new message, the pressed one is edited
+        assert reply["content"] == "answer 2 to hello" and w.fake.button_ids(reply) == ["retry"]
+        assert len(w.fake.bot_messages(w.dm)) == count
+        assert [(c, s) for r, c, s in await w.stored(w.dm) if r == "assistant"] == [
+            ("answer 1 to hello", "superseded"), ("answer 2 to hello", "complete")]
+
+        await w.say("next", channel=w.dm)
+        newer = w.fake.bot_messages(w.dm)[-1]
+        assert newer["content"] == "answer 3 to next" and w.fake.button_ids(newer) == ["retry"]
+        assert w.fake.button_ids(reply) == []  # only the latest reply keeps the button
+
+        chat = await w.chat("a slash question")  # /chat replies carry it too; the DM's latest is unaffected
+        assert "answer 4" in chat.content and w.fake.button_ids(chat.original or {}) == ["retry"]
+        assert w.fake.button_ids(newer) == ["retry"]
+
+
+async def test_discord_regenerate_needs_access(discord_world) -> None:  # noqa: F811
+    async with discord_world(script=numbered(), settings=lambda ids: {"allowed_users": ids["alice"]["id"]}) as w:
+        await w.say(f"{w.fake.mention()} hello")
+        reply = w.fake.bot_messages(w.channel)[-1]
+        before = reply["content"]
+        assert before.startswith("answer 1 to") and w.fake.button_ids(reply) == ["retry"]
+        press = await w.fake.press(reply, "retry", w.bob)
+        await w.until_idle()
+        assert press.ack_type == 4 and press.ephemeral and "not allowed" in press.content
+        assert reply["content"] == before
+        press = await w.fake.press(reply, "retry", w.alice)
+        await w.until_idle()
+        assert reply["content"].startswith("answer 2 to")
