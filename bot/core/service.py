@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -13,6 +14,7 @@ from bot.core.messages import IncomingMessage, MessageStatus, ReplySink, ReplySt
 from bot.core.personas import Persona, load_personas, persona_of
 from bot.core.prompt import MessageTooLong, Turn, build_prompt
 from bot.core.queue import Event, GenerationQueue, Job, JobResult, QueueClosed, QueueFull, UserBusy
+from bot.core.stats import BotStats, bot_text, chat_text, usage_of
 from bot.engines.base import ChatMessage, Engine, GenerationParams
 from bot.errors import BotError
 from bot.storage import migrate
@@ -30,6 +32,7 @@ COMMANDS = {
     "system": "show the system prompt, /system TEXT to set it, /system reset",
     "persona": "list personas, or /persona NAME to choose one",
     "retry": "write the last reply again (a new sample)",
+    "stats": "what this chat has used (admins: the whole bot too)",
 }
 
 NOT_ALLOWED = "Sorry, you are not allowed to use this bot."
@@ -66,6 +69,7 @@ class _Record:
     is_group: bool = False
     reply_row: int | None = None
     supersedes: int | None = None  # /retry: the reply row this one replaces once it is complete
+    submitted_at: float = field(default_factory=time.monotonic)  # for the queue wait in /stats
 
 
 def help_text(current_model: str) -> str:
@@ -97,6 +101,7 @@ class ChatService:
                                      partial_save_s=settings.partial_save_s)
         self._waiting_records: dict[str, _Record] = {}  # chat key -> the request its waiting reply answers
         self.personas: dict[str, Persona] = load_personas(settings.personas_file)
+        self.stats = BotStats()
         self._started = False
 
     def _default_factory(self, profile: ModelProfile) -> Engine:
@@ -181,6 +186,10 @@ class ChatService:
                                None: "Nothing to stop."}[stopped])
         elif name == "model":
             await self._model_command(msg, sink, arg)
+        elif name == "stats":
+            usage = usage_of(await self.store.usage_rows(chat))
+            text = chat_text(usage) + (f"\n\n{bot_text(self.stats, self.current_model)}" if msg.is_admin else "")
+            await sink.notice(text)
         elif name == "retry":
             await self._retry(msg, sink, chat)
         elif name == "system":
@@ -344,6 +353,7 @@ class ChatService:
         """
         if self._waiting_records.get(record.key) is record:
             del self._waiting_records[record.key]  # later messages queue a new reply instead of folding
+        self.stats.waited(time.monotonic() - record.submitted_at)
         profile = self.profile(self.queue.model)
         gen = self.settings.generation_for(profile)
         temperature = gen.temperature if record.supersedes is None else max(gen.temperature, RETRY_MIN_TEMPERATURE)
@@ -362,14 +372,21 @@ class ChatService:
         speakers = {r.user_id for r in rows if r.role == "user"}
         name_speakers = record.is_group or len(speakers) > 1
         loop = asyncio.get_running_loop()
+        unmeasured = [r for r in rows if r.id in mine and r.token_count is None]
+
+        def build() -> tuple[list[ChatMessage], dict[int, int]]:
+            prompt = build_prompt(system, history, request, engine.count_tokens, engine.context_length,
+                                  params.max_new_tokens, name_speakers)
+            return prompt, {r.id: engine.count_tokens([ChatMessage("user", r.content)]) for r in unmeasured}
+
         try:
-            messages = await loop.run_in_executor(
-                None, lambda: build_prompt(system, history, request, engine.count_tokens, engine.context_length,
-                                           params.max_new_tokens, name_speakers))
+            messages, tokens_in = await loop.run_in_executor(None, build)
         except MessageTooLong as exc:
             await self.store.set_status(record.user_rows, MessageStatus.REJECTED)
             template = TOO_LONG_FOLDED if len(request) > 1 else TOO_LONG
             raise BotError(template.format(count=len(request), tokens=exc.tokens, limit=exc.limit)) from None
+        if tokens_in:
+            await self.store.set_token_counts(tokens_in)  # "tokens in" of /stats
         record.reply_row = await self.store.add(record.chat, "assistant", "", MessageStatus.PENDING,
                                                 model=self.queue.model)
         return messages, params
@@ -379,6 +396,8 @@ class ChatService:
             await self.store.save_partial(record.reply_row, text)
 
     async def _store_reply(self, record: _Record, result: JobResult) -> None:
+        self.stats.finished(result.status, result.stats.prompt_tokens, result.stats.completion_tokens,
+                            result.stats.total_s)
         if self._waiting_records.get(record.key) is record:
             del self._waiting_records[record.key]
         if record.reply_row is None:  # never started: cancelled while waiting, or refused

@@ -125,6 +125,25 @@ class HistoryStore:
                                     .order_by(Message.id))).all()
         return [_stored(m) for m in rows]
 
+    async def set_token_counts(self, counts: dict[int, int]) -> None:
+        """Token counts of messages measured after they were stored (people's messages, when answered)."""
+        async with self._session() as s:
+            for message_id, tokens in counts.items():
+                await s.execute(update(Message).where(Message.id == message_id).values(token_count=tokens))
+            await s.commit()
+
+    async def usage_rows(self, chat_id: int) -> list[tuple[str, str, int | None, float | None]]:
+        """(role, status, token_count, seconds from creation to last update) of every message of a chat.
+
+        A reply row is created when generation starts and last updated when it ends, so its span is
+        the time it took to write (`/stats` speed) without storing anything more.
+        """
+        async with self._session() as s:
+            rows = (await s.execute(select(Message.role, Message.status, Message.token_count, Message.created_at,
+                                           Message.updated_at).where(Message.chat_id == chat_id))).all()
+        return [(role, status, tokens, (updated - created).total_seconds() if created and updated else None)
+                for role, status, tokens, created, updated in rows]
+
     async def clear(self, chat_id: int) -> int:
         async with self._session() as s:
             result = await s.execute(delete(Message).where(Message.chat_id == chat_id))
