@@ -52,3 +52,32 @@ def test_percentiles_are_nearest_rank() -> None:
     assert percentile([], 0.5) is None
     assert percentile([3.0, 1.0, 2.0], 0.5) == 2.0
     assert percentile([float(i) for i in range(1, 101)], 0.95) == 95.0
+
+
+# --------------------------------------------------------------------------- through the platforms
+
+from tests.test_discord_adapter import discord_world  # noqa: E402,F401 - the fixture
+from tests.test_telegram_adapter import ALICE, running_bot, wait_contains, wait_text  # noqa: E402
+
+
+async def test_telegram_stats_admin_sees_the_bot_totals(make_toy_service: MakeService) -> None:
+    async with running_bot(make_toy_service, admin_users=[str(ALICE)]) as (fake, service):
+        await fake.user_says("hello")
+        await wait_text(fake, ALICE, "You said: hello (turn 1)")
+        await fake.user_says("/stats")
+        text = await wait_contains(fake, ALICE, "This chat:")
+        assert "messages: 1 from people, 1 replies" in text and "replies: 1 complete" in text
+        await fake.user_says("/stats", user_id=2002, name="Bob")  # not an admin: the chat part only
+        text = await wait_contains(fake, 2002, "This chat:")
+        assert "messages: 0 from people" in text and "since it started" not in text
+
+
+async def test_discord_stats_and_retry_slash_commands(discord_world) -> None:  # noqa: F811
+    async with discord_world() as w:
+        await w.chat("hello")
+        again = await w.command("retry")
+        assert again.content == "You said: Alice: hello (turn 1)" and not again.ephemeral
+        stats = await w.command("stats")
+        assert stats.ephemeral and "messages: 1 from people, 1 replies" in stats.content
+        assert "since it started" not in stats.content
+        assert [s for r, _, s in await w.stored(w.channel) if r == "assistant"] == ["superseded", "complete"]

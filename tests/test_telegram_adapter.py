@@ -55,7 +55,7 @@ async def wait_contains(fake: FakeTelegram, chat_id: int, part: str, timeout: fl
 
 async def test_private_conversation_streams_by_edits_and_keeps_history(make_toy_service: MakeService) -> None:
     async with running_bot(make_toy_service, delay_s=0.03) as (fake, service):
-        assert [c["command"] for c in fake.commands] == ["start", "help", "reset", "model", "stop", "system", "persona", "retry"]
+        assert [c["command"] for c in fake.commands] == ["start", "help", "reset", "model", "stop", "system", "persona", "retry", "stats"]
         prompt = "tell me something about four bit quantized language models please"
         await fake.user_says(prompt)
         first = f"You said: {prompt} (turn 1)"

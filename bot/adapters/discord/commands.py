@@ -1,4 +1,4 @@
-"""The slash commands: /chat, /reset, /model and /persona (with autocomplete), /system and /stop."""
+"""The slash commands: /chat, /reset, /model and /persona (with autocomplete), /system, /retry, /stats, /stop."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ MAX_CHOICES = 25  # Discord's limit for autocomplete results
 CURRENT_MARK = " (current)"
 NOT_READY_MARK = " (not ready)"
 
-COMMAND_NAMES = ("chat", "reset", "model", "stop", "system", "persona")
+COMMAND_NAMES = ("chat", "reset", "model", "stop", "system", "persona", "retry", "stats")
 
 
 def model_choices(names: list[str], current: str, typed: str,
@@ -76,6 +76,14 @@ def build_tree(client: discord.Client, adapter: DiscordAdapter) -> app_commands.
     @persona.autocomplete("name")
     async def persona_autocomplete(interaction: discord.Interaction, current: str) -> list[app_commands.Choice[str]]:
         return persona_choices({p.name: p.description for p in adapter.service.personas.values()}, current)
+
+    @tree.command(name="retry", description="Write the last reply in this conversation again")
+    async def retry(interaction: discord.Interaction) -> None:
+        await adapter.run_interaction(interaction, "/retry", private=False)
+
+    @tree.command(name="stats", description="What this conversation has used (admins: the whole bot too)")
+    async def stats(interaction: discord.Interaction) -> None:
+        await adapter.run_interaction(interaction, "/stats", private=True)
 
     @tree.error
     async def on_error(interaction: discord.Interaction, error: app_commands.AppCommandError) -> None:
