@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import mimetypes
 import re
 import secrets
 import time
@@ -421,11 +422,27 @@ class FakeDiscord:
                 data.update(content="", embeds=[], attachments=[], components=[])
         return data
 
-    async def user_message(self, channel: Json, author: Json, content: str, *, reply_to: Json | None = None) -> Json:
-        """A person posts in a channel or DM; the bot gets MESSAGE_CREATE."""
+    async def user_message(self, channel: Json, author: Json, content: str, *, reply_to: Json | None = None,
+                           attachments: list[str] = ()) -> Json:  # type: ignore[assignment]
+        """A person posts in a channel or DM (with files named `attachments`); the bot gets MESSAGE_CREATE."""
         msg = self._message(channel["id"], author, content, reference=reply_to)
+        msg["attachments"] = [self._attachment(channel["id"], name) for name in attachments]
         await self.dispatch("MESSAGE_CREATE", self._for_gateway(msg))
         return msg
+
+    @staticmethod
+    def _attachment(channel_id: str, filename: str) -> Json:
+        """An attachment object as Discord sends it (CDN URLs; images also carry their size)."""
+        attachment_id = snowflake()
+        url = f"https://cdn.discordapp.com/attachments/{channel_id}/{attachment_id}/{filename}"
+        found: Json = {"id": attachment_id, "filename": filename, "size": 12345, "url": url,
+                       "proxy_url": url.replace("cdn.discordapp.com", "media.discordapp.net")}
+        kind = mimetypes.guess_type(filename)[0]
+        if kind:
+            found["content_type"] = kind
+        if kind and kind.startswith("image/"):
+            found.update(width=640, height=480)
+        return found
 
     async def delete_message(self, message: Json) -> None:
         """Someone (a moderator) deletes a message; the bot gets MESSAGE_DELETE."""

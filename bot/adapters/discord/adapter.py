@@ -23,7 +23,7 @@ import aiohttp
 import discord
 from discord import app_commands
 
-from bot.adapters.delivery import handle_reply, started
+from bot.adapters.delivery import TEXT_ONLY, handle_reply, not_read_note, started
 from bot.adapters.regenerate import BUTTON_ID, BUTTON_LABEL, RETRY_COMMAND, STALE, LatestReplies, strip
 from bot.adapters.discord.access import judge, manages_messages
 from bot.adapters.discord.commands import build_tree
@@ -354,7 +354,7 @@ class DiscordAdapter:
             return
         in_guild = message.guild is not None
         text = self._prompt_text(message)
-        if in_guild and not message.content:
+        if in_guild and not message.content and not message.attachments and not message.stickers:
             log.warning("Discord: a reply to the bot arrived without text; is the MESSAGE_CONTENT intent on?")
             return
         assert self.client is not None
@@ -377,6 +377,13 @@ class DiscordAdapter:
 
         stream = StreamingMessage(ChannelOps(message), self._pacer(message.channel.id), self.settings.delivery_retry_s)
         sink = DiscordSink(stream, on_started=typing, reply_buttons=REGENERATE_BUTTONS)
+        unread = [a.filename for a in message.attachments] + [s.name for s in message.stickers]
+        if unread and access.allowed:
+            if not text:  # nothing but files or stickers: the same note as on Telegram, nothing stored
+                await sink.notice(TEXT_ONLY)
+                await sink.close()
+                return
+            sink.footer = not_read_note(unread)
         msg = IncomingMessage(platform=PLATFORM, chat_id=str(message.channel.id), user_id=str(message.author.id),
                               user_name=message.author.display_name, text=text, is_allowed=access.allowed,
                               is_admin=access.admin, is_group=in_guild,

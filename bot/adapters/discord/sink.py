@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Hashable
 
 from bot.adapters.streaming import StreamingMessage, StreamingSink
+from bot.core.messages import ReplyStatus
 
 QUEUED = "⏳ Waiting in line: number {position}{eta}."
 WRITING = "✍️ Writing…"
@@ -23,6 +24,10 @@ class DiscordSink(StreamingSink):
         super().__init__(stream, reply_buttons)
         self.on_started = on_started
         self._showing_status = False
+        self.footer: str | None = None  # shown under the finished reply, not stored (e.g. "attachment not read")
+
+    async def finish(self, text: str, status: ReplyStatus) -> None:
+        await super().finish(f"{text}\n\n{self.footer}" if self.footer else text, status)
 
     async def queued(self, position: int, eta_s: float | None) -> None:
         self._take_over()

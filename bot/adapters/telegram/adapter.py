@@ -12,7 +12,7 @@ from telegram.constants import ChatType, MessageEntityType
 from telegram.error import InvalidToken, NetworkError, TelegramError
 from telegram.ext import AIORateLimiter, Application, CallbackQueryHandler, ContextTypes, MessageHandler, filters
 
-from bot.adapters.delivery import handle_reply, started
+from bot.adapters.delivery import TEXT_ONLY, handle_reply, started
 from bot.adapters.regenerate import BUTTON_ID, BUTTON_LABEL, RETRY_COMMAND, STALE, WRITING_AGAIN, LatestReplies, strip
 from bot.adapters.streaming import Pacer
 from bot.adapters.telegram.sink import TelegramOps, TelegramSink, Typing
@@ -34,8 +34,6 @@ SOMETHING_WRONG = "Sorry, something went wrong on my side. Please try again."
 REFUSAL_COOLDOWN_S = 3600.0  # a refused user hears "not allowed" at most once per this long
 CHAT_ADMIN_STATUSES = ("creator", "administrator")  # getChatMember statuses that administer a group
 MODEL_BUTTON_PREFIX = "model:"
-UNSUPPORTED = ("I can only read text messages. Please type your question "
-               "(stickers, photos, voice and files are not supported).")
 PERSONA_BUTTON_PREFIX = "persona:"
 # A pressed button is the command it stands for, with what the button names as its argument.
 BUTTON_COMMANDS = {MODEL_BUTTON_PREFIX: "model", PERSONA_BUTTON_PREFIX: "persona"}
@@ -245,7 +243,7 @@ class TelegramAdapter:
             return
         if message.text is None:
             sink = self._sink(message)
-            await sink.notice(UNSUPPORTED)
+            await sink.notice(TEXT_ONLY)
             await sink.close()
             return
         text = self._prompt_text(message)
