@@ -324,11 +324,11 @@ class ChatService:
         """`/retry`: answer the chat's latest request again; the old reply becomes `superseded`
         once the new one is complete (until then it stays what it was, so a failed retry loses nothing)."""
         key = self._key(msg)
-        if self.queue.is_running(key) or self.queue.has_waiting(key):
-            await sink.error(RETRY_WAIT)
-            return
         rows = [r for r in await self.store.messages(chat)
                 if r.status not in (MessageStatus.SUPERSEDED, MessageStatus.REJECTED)]
+        if self.queue.is_running(key) or self.queue.has_waiting(key):  # checked after the read: no await until submit
+            await sink.error(RETRY_WAIT)
+            return
         replies = [i for i, r in enumerate(rows) if r.role == "assistant"]
         unanswered = rows[replies[-1] + 1:] if replies else rows
         if unanswered:  # the last request never got a reply (stopped while waiting): answer it now
