@@ -44,6 +44,8 @@ class IncomingMessage:
     is_admin: bool = True
     is_group: bool = False  # a chat several people share (Telegram group, Discord guild channel/thread)
     is_chat_admin: bool = False  # the platform calls this person an administrator of this chat
+    message_id: str = ""  # the platform's id of this message ("" when it has none: slash commands, terminal)
+    edited: bool = False  # the person edited message `message_id` to `text` (it is not a new message)
 
 
 class ReplySink(Protocol):

@@ -18,7 +18,7 @@ from bot.core.stats import BotStats, bot_text, chat_text, usage_of
 from bot.engines.base import ChatMessage, Engine, GenerationParams
 from bot.errors import BotError
 from bot.storage import migrate
-from bot.storage.store import HistoryStore
+from bot.storage.store import HistoryStore, StoredMessage
 
 log = logging.getLogger(__name__)
 
@@ -151,6 +151,9 @@ class ChatService:
     # --- entry point -------------------------------------------------------------------------
     async def handle(self, msg: IncomingMessage, sink: ReplySink) -> None:
         """Answer one message: a command or a prompt. Returns when the reply is finished."""
+        if msg.edited:
+            await self._edit(msg, sink)
+            return
         if not msg.is_allowed:
             await sink.error(NOT_ALLOWED)
             return
@@ -232,6 +235,42 @@ class ChatService:
             return
         await sink.notice(f"Switched to {now}.")
 
+    async def _latest_request(self, chat: int) -> tuple[list[StoredMessage], int | None]:
+        """The chat's latest request (the user messages its last reply answered) and that reply's row.
+
+        When the newest user messages have no reply (stopped while waiting), they are the request
+        and there is no reply to replace.
+        """
+        rows = [r for r in await self.store.messages(chat)
+                if r.status not in (MessageStatus.SUPERSEDED, MessageStatus.REJECTED)]
+        replies = [i for i, r in enumerate(rows) if r.role == "assistant"]
+        unanswered = rows[replies[-1] + 1:] if replies else rows
+        if unanswered or not replies:
+            return unanswered, None
+        first = replies[-2] + 1 if len(replies) > 1 else 0
+        return [r for r in rows[first:replies[-1]] if r.role == "user"], rows[replies[-1]].id
+
+    async def _edit(self, msg: IncomingMessage, sink: ReplySink) -> None:
+        """A person edited a message: the stored turn follows; if the chat's latest reply answered it,
+        that reply is written again (shown in place by the adapter), else nothing more happens."""
+        text = msg.text.strip()
+        if (not msg.is_allowed or not msg.message_id or not text or len(text) > MAX_MESSAGE_CHARS
+                or parse_command(text) is not None):
+            return  # an edit never earns a refusal; a blanked, huge or command edit keeps the old text
+        chat = await self.store.chat_id(msg.platform, msg.chat_id)
+        row = await self.store.find_external(chat, msg.message_id)
+        if row is None or row.role != "user" or row.status == MessageStatus.REJECTED or row.content == text:
+            return
+        await self.store.set_content(row.id, text)
+        request, old = await self._latest_request(chat)
+        key = self._key(msg)
+        if old is None or row.id not in {r.id for r in request}:
+            return  # an older turn (or one still waiting: its reply will read the new text)
+        if self.queue.is_running(key) or self.queue.has_waiting(key):
+            return  # a newer reply is under way; it reads the edited history
+        record = _Record(chat, key, [r.id for r in request], is_group=msg.is_group, supersedes=old)
+        await self._submit(msg, sink, record, reject_on_refusal=False)
+
     async def _system_command(self, msg: IncomingMessage, sink: ReplySink, chat: int, arg: str) -> None:
         """`/system` shows, `/system TEXT` sets, `/system reset` forgets the chat's own system prompt."""
         if not arg:
@@ -289,7 +328,7 @@ class ChatService:
             await sink.error(EMPTY)
             return
         chat = await self.store.chat_id(msg.platform, msg.chat_id)
-        author = {"user_id": msg.user_id, "author_name": msg.user_name}
+        author = {"user_id": msg.user_id, "author_name": msg.user_name, "external_id": msg.message_id}
         if len(text) > MAX_MESSAGE_CHARS:
             await self.store.add(chat, "user", text, MessageStatus.REJECTED, **author)
             await sink.error(f"Your message is too long: {len(text)} characters, limit {MAX_MESSAGE_CHARS}.")
@@ -324,21 +363,10 @@ class ChatService:
         """`/retry`: answer the chat's latest request again; the old reply becomes `superseded`
         once the new one is complete (until then it stays what it was, so a failed retry loses nothing)."""
         key = self._key(msg)
-        rows = [r for r in await self.store.messages(chat)
-                if r.status not in (MessageStatus.SUPERSEDED, MessageStatus.REJECTED)]
+        request, old = await self._latest_request(chat)
         if self.queue.is_running(key) or self.queue.has_waiting(key):  # checked after the read: no await until submit
             await sink.error(RETRY_WAIT)
             return
-        replies = [i for i, r in enumerate(rows) if r.role == "assistant"]
-        unanswered = rows[replies[-1] + 1:] if replies else rows
-        if unanswered:  # the last request never got a reply (stopped while waiting): answer it now
-            request, old = unanswered, None
-        elif replies:
-            last = replies[-1]
-            first = replies[-2] + 1 if len(replies) > 1 else 0
-            request, old = [r for r in rows[first:last] if r.role == "user"], rows[last].id
-        else:
-            request, old = [], None
         if not request:
             await sink.error(NOTHING_TO_RETRY)
             return

@@ -77,7 +77,8 @@ class TelegramAdapter:
             .get_updates_read_timeout(poll_timeout + 10)
             .build()
         )
-        self.app.add_handler(MessageHandler(filters.UpdateType.MESSAGE, self._on_message))
+        self.app.add_handler(MessageHandler(filters.UpdateType.MESSAGE | filters.UpdateType.EDITED_MESSAGE,
+                                            self._on_message))
         self.app.add_handler(CallbackQueryHandler(
             self._on_button, pattern="^(" + "|".join(BUTTON_COMMANDS) + ")"))
         self.app.add_handler(CallbackQueryHandler(self._on_regenerate, pattern=f"^{BUTTON_ID}$"))
@@ -102,7 +103,7 @@ class TelegramAdapter:
         assert self.app.updater is not None
         await self.app.updater.start_polling(
             timeout=int(self.poll_timeout) or 1, poll_interval=0.0, drop_pending_updates=False,
-            allowed_updates=[Update.MESSAGE, Update.CALLBACK_QUERY], error_callback=self._on_poll_error)
+            allowed_updates=[Update.MESSAGE, Update.EDITED_MESSAGE, Update.CALLBACK_QUERY], error_callback=self._on_poll_error)
         log.info("telegram: polling as @%s", self.username)
 
     async def stop(self) -> None:
@@ -216,14 +217,19 @@ class TelegramAdapter:
 
     # --- handlers ---
     async def _on_message(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
-        message = update.message
+        """A new message, or (`edited_message`) a person's edit of one: the service decides what follows."""
+        edited = update.message is None
+        message = update.message or update.edited_message
         if message is None or message.from_user is None or message.from_user.is_bot:
             return
         task = asyncio.current_task()
         if task is not None:
             self._inflight.add(task)  # type: ignore[arg-type]
         try:
-            await self._answer(message)
+            if edited:
+                await self._edited(message)
+            else:
+                await self._answer(message)
         finally:
             if task is not None:
                 self._inflight.discard(task)  # type: ignore[arg-type]
@@ -258,8 +264,23 @@ class TelegramAdapter:
             keyboard = self._persona_keyboard()
         incoming = IncomingMessage("telegram", self._chat_key(message), str(user.id), user.full_name, text,
                                    is_allowed=True, is_admin=access.admin, is_group=not private,
-                                   is_chat_admin=chat_admin)
+                                   is_chat_admin=chat_admin, message_id=str(message.message_id))
         await self._run(message, incoming, self._sink(message, keyboard=keyboard, typing=not is_command))
+
+    async def _edited(self, message: Message) -> None:
+        """An edit: if the latest reply answered it, that reply is rewritten in place (else nothing shows)."""
+        user = message.from_user
+        assert user is not None
+        access = self._access(user.id, message)
+        if message.text is None or not self._addressed(message) or not access.allowed:
+            return
+        key = self._chat_key(message)
+        incoming = IncomingMessage("telegram", key, str(user.id), user.full_name, self._prompt_text(message),
+                                   is_admin=access.admin, is_group=message.chat.type != ChatType.PRIVATE,
+                                   message_id=str(message.message_id), edited=True)
+        sink = self._sink(message)  # no "typing": most edits change only the stored text
+        sink.replace_messages(self._latest.messages(key) or [])  # type: ignore[arg-type]
+        await self._run(message, incoming, sink)
 
     async def _run(self, message: Message, incoming: IncomingMessage, sink: TelegramSink) -> None:
         if sink.typing:
