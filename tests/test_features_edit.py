@@ -82,3 +82,34 @@ async def test_telegram_edit_regenerates_the_latest_reply_in_place(make_toy_serv
         await wait_text(fake, ALICE, "answer 4 to thanks")
         assert "capital of Italy?" in [m.content for m in service.toy_engines.engines["toy-a"].prompts[-1]]
         assert reply.text == "answer 2 to capital of France?"  # older replies stay as they were
+
+
+# --------------------------------------------------------------------------- Discord
+
+from tests.test_discord_adapter import discord_world  # noqa: E402,F401 - the fixture
+
+
+async def test_discord_edit_regenerates_the_latest_reply_in_place(discord_world) -> None:  # noqa: F811
+    async with discord_world(script=numbered()) as w:
+        question = await w.say("capital of Frnace?", channel=w.dm)
+        reply = w.fake.bot_messages(w.dm)[-1]
+        assert reply["content"] == "answer 1 to capital of Frnace?"
+        count = len(w.fake.bot_messages(w.dm))
+        await w.fake.user_edits(question, "capital of France?")
+        await w.fake.wait_for(lambda: reply["content"] == "answer 2 to capital of France?")
+        await w.until_idle()  # the same message, edited
+        assert len(w.fake.bot_messages(w.dm)) == count and w.fake.button_ids(reply) == ["retry"]
+        assert [(c, s) for r, c, s in await w.stored(w.dm)] == [
+            ("capital of France?", "complete"), ("answer 1 to capital of Frnace?", "superseded"),
+            ("answer 2 to capital of France?", "complete")]
+
+        await w.say("and Spain?", channel=w.dm)
+        await w.fake.user_edits(question, "capital of Italy?")  # older: only the stored text changes
+        for _ in range(200):
+            if (await w.stored(w.dm))[0][1] == "capital of Italy?":
+                break
+            await asyncio.sleep(0.02)
+        assert (await w.stored(w.dm))[0][1] == "capital of Italy?"
+        await w.until_idle()
+        assert reply["content"] == "answer 2 to capital of France?"
+        assert len(w.service.toy_engines.engines["toy-a"].prompts) == 3

@@ -430,6 +430,15 @@ class FakeDiscord:
         await self.dispatch("MESSAGE_CREATE", self._for_gateway(msg))
         return msg
 
+    async def user_edits(self, message: Json, content: str) -> Json:
+        """The author edits their message; the bot gets MESSAGE_UPDATE with the whole message."""
+        stored = self.messages[message["channel_id"]][message["id"]]
+        stored.update(content=content, edited_timestamp=_now_iso(),
+                      mentions=[self.users[u] for u in sorted(set(re.findall(r"<@!?(\d+)>", content)))
+                                if u in self.users])
+        await self.dispatch("MESSAGE_UPDATE", self._for_gateway(stored))
+        return stored
+
     @staticmethod
     def _attachment(channel_id: str, filename: str) -> Json:
         """An attachment object as Discord sends it (CDN URLs; images also carry their size)."""

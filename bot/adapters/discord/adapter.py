@@ -89,6 +89,10 @@ class _Client(discord.Client):
     async def on_message(self, message: discord.Message) -> None:
         await self.adapter.on_message(message)
 
+    async def on_message_edit(self, before: discord.Message, after: discord.Message) -> None:
+        if before.content != after.content:  # not an embed unfurling or a pin
+            await self.adapter.on_message(after, edited=True)
+
     async def on_interaction(self, interaction: discord.Interaction) -> None:
         """Slash commands go to the tree; a press on our Regenerate button comes here."""
         if (interaction.type == discord.InteractionType.component
@@ -346,8 +350,12 @@ class DiscordAdapter:
             text = text.replace(own_role.mention, " ")
         return text.strip()
 
-    async def on_message(self, message: discord.Message) -> None:
-        """DMs, and guild messages that mention the bot or reply to it, are prompts."""
+    async def on_message(self, message: discord.Message, *, edited: bool = False) -> None:
+        """DMs, and guild messages that mention the bot or reply to it, are prompts.
+
+        `edited`: the person changed the message; if the channel's latest reply answered it, that
+        reply is rewritten in place (the service decides; most edits only change the stored text).
+        """
         if message.author.bot or message.type not in (discord.MessageType.default, discord.MessageType.reply):
             return
         if not self._addressed(message):
@@ -362,6 +370,8 @@ class DiscordAdapter:
         if not access.place_ok:
             log.info("Discord: ignoring a message in channel %s (not in DISCORD_ALLOWED_CHANNELS)",
                      message.channel.id)
+            return
+        if edited and not access.allowed:
             return
         if not access.allowed:  # say it once, not at every mention (slash commands always answer privately)
             now = asyncio.get_running_loop().time()
@@ -378,7 +388,10 @@ class DiscordAdapter:
         stream = StreamingMessage(ChannelOps(message), self._pacer(message.channel.id), self.settings.delivery_retry_s)
         sink = DiscordSink(stream, on_started=typing, reply_buttons=REGENERATE_BUTTONS)
         unread = [a.filename for a in message.attachments] + [s.name for s in message.stickers]
-        if unread and access.allowed:
+        if edited:
+            sink.replace_messages([Sent(message.channel.get_partial_message(int(i)), via_token=False)  # type: ignore[union-attr]
+                                   for i in self._latest.messages(str(message.channel.id)) or []])
+        elif unread and access.allowed:
             if not text:  # nothing but files or stickers: the same note as on Telegram, nothing stored
                 await sink.notice(TEXT_ONLY)
                 await sink.close()
@@ -387,5 +400,6 @@ class DiscordAdapter:
         msg = IncomingMessage(platform=PLATFORM, chat_id=str(message.channel.id), user_id=str(message.author.id),
                               user_name=message.author.display_name, text=text, is_allowed=access.allowed,
                               is_admin=access.admin, is_group=in_guild,
-                              is_chat_admin=manages_messages(message.channel, message.author))
+                              is_chat_admin=manages_messages(message.channel, message.author),
+                              message_id=str(message.id), edited=edited)
         await self._handle(msg, sink)
