@@ -137,6 +137,7 @@ class Settings(BaseSettings):
     # --- core ---
     database_url: str = "sqlite+aiosqlite:///data/quantbot.db"
     system_prompt: str = "You are a helpful, concise assistant."
+    personas_file: Path | None = None  # JSON list of {name, prompt, description}; unset: bot/data/personas.json
     queue_max: int = 32  # waiting requests across all chats; more get "busy, try again"
     reply_timeout_s: float = 300.0  # the whole reply: building the prompt and generating
     user_max_waiting: int = 1  # waiting requests (replies, model switches) per user across all their chats

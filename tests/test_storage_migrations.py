@@ -27,7 +27,7 @@ def test_upgrade_from_empty(tmp_path):
     assert {"chat_id", "role", "content", "status", "model", "token_count", "user_id",
             "author_name"} <= set(t["messages"])
     with sqlite3.connect(db) as conn:
-        assert conn.execute("SELECT version_num FROM alembic_version").fetchone()[0] == "0005"
+        assert conn.execute("SELECT version_num FROM alembic_version").fetchone()[0] == "0006"
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
 
 

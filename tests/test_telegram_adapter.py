@@ -55,7 +55,7 @@ async def wait_contains(fake: FakeTelegram, chat_id: int, part: str, timeout: fl
 
 async def test_private_conversation_streams_by_edits_and_keeps_history(make_toy_service: MakeService) -> None:
     async with running_bot(make_toy_service, delay_s=0.03) as (fake, service):
-        assert [c["command"] for c in fake.commands] == ["start", "help", "reset", "model", "stop"]
+        assert [c["command"] for c in fake.commands] == ["start", "help", "reset", "model", "stop", "system", "persona", "retry", "stats"]
         prompt = "tell me something about four bit quantized language models please"
         await fake.user_says(prompt)
         first = f"You said: {prompt} (turn 1)"
@@ -90,7 +90,7 @@ async def test_reset_and_model_switch_by_command_and_button(make_toy_service: Ma
 
         await fake.user_says("/model")
         listing = next(m for m in await _until(lambda: [m for m in fake.bot_messages(ALICE)
-                                                        if m.reply_markup]) if m.reply_markup)
+                                                        if "model:" in str(m.reply_markup)]))
         buttons = [b["callback_data"] for row in listing.reply_markup["inline_keyboard"] for b in row]  # type: ignore[index]
         assert buttons == ["model:toy-a", "model:toy-b"]
         assert "toy-b" in listing.text

@@ -20,6 +20,16 @@ if TYPE_CHECKING:
 
 STOPPED_NOTE = "(stopped: the bot is restarting; please ask again in a minute)"
 LOADING = "⏳ I'm just starting up and loading the model; I'll answer in a moment."
+TEXT_ONLY = ("I can only read text messages. Please type your question "
+             "(stickers, photos, voice and files are not supported).")
+NOT_READ = "(I can only read text, so I did not look at {what}; this answer is about your text alone.)"
+
+
+def not_read_note(filenames: list[str]) -> str:
+    """The note under a reply to text that came with attachments the bot cannot read."""
+    if len(filenames) == 1:
+        return NOT_READ.format(what=f"the attachment {filenames[0]}")
+    return NOT_READ.format(what=f"the {len(filenames)} attachments")
 
 
 def started() -> asyncio.Event:

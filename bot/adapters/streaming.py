@@ -97,6 +97,17 @@ class MessageOps(ABC, Generic[H]):
     async def delete(self, handle: H) -> None:  # noqa: B027 - optional
         """Remove a message that is no longer needed (the text shrank); default: leave it."""
 
+    def with_buttons(self, rendered: Hashable, buttons: Hashable) -> Hashable:
+        """`rendered` carrying `buttons` (the reply's Regenerate button); default: no buttons."""
+        return rendered
+
+    def message_id(self, handle: H) -> Hashable:
+        """The platform's id of the message behind `handle` (buttons name the message they are on)."""
+        return handle  # type: ignore[return-value]
+
+    async def strip_buttons(self, message_id: Hashable) -> None:  # noqa: B027 - optional
+        """Remove the buttons from one of our earlier messages (a reply that is no longer the latest)."""
+
 
 class Pacer:
     """Spaces the calls of every reply in one chat: the edit interval and rate-limit waits."""
@@ -143,6 +154,7 @@ class StreamingMessage(Generic[H]):
         self._final: str | None = None
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self.buttons: Hashable | None = None  # shown under the final text's last message
 
     @property
     def text(self) -> str:
@@ -150,6 +162,10 @@ class StreamingMessage(Generic[H]):
         return self._final if self._final is not None else self._text
 
     # --- what the adapter calls ---
+    def adopt(self, handles: list[H]) -> None:
+        """Show this reply in messages already sent (regenerating a reply in place) instead of new ones."""
+        self.sent = [_Sent(h, None) for h in handles]
+
     def set_status(self, status: str) -> None:
         """Shown while the reply has no text yet (placeholder, queue position)."""
         self._status = status
@@ -259,6 +275,8 @@ class StreamingMessage(Generic[H]):
         for i, chunk in enumerate(chunks):
             done = final or i < len(chunks) - 1  # earlier chunks will not change any more
             rendered = self.ops.render(chunk, done)
+            if final and self.buttons is not None and i == len(chunks) - 1:
+                rendered = self.ops.with_buttons(rendered, self.buttons)
             if i < len(self.sent):
                 if self.sent[i].rendered == rendered:
                     continue
@@ -296,16 +314,34 @@ class StreamingSink:
     `_before_final` (called once the final text is recorded, before it is delivered) and `close`.
     """
 
-    def __init__(self, stream: StreamingMessage[Any]) -> None:
+    def __init__(self, stream: StreamingMessage[Any], reply_buttons: Hashable | None = None) -> None:
+        """`reply_buttons`: put under a finished reply (not under notices and errors)."""
         self.stream = stream
         self.final_text: str | None = None
         self.status: ReplyStatus | None = None
+        self.reply_buttons = reply_buttons
+        self._replaces: list[Any] | None = None
+
+    def replace_messages(self, handles: list[Any]) -> None:
+        """Regenerating: once the new reply is under way, show it in these messages (edited in place).
+
+        Until then nothing is touched, so a refusal (still busy, nothing to redo) arrives as a new
+        message and the old reply stays readable.
+        """
+        self._replaces = handles
+
+    def _take_over(self) -> None:
+        """Called by `queued` / `started`: the reply is accepted, so the old messages become its own."""
+        if self._replaces is not None:
+            self.stream.adopt(self._replaces)
+            self._replaces = None
 
     async def update(self, text: str) -> None:
         self.stream.update(text)
 
     async def finish(self, text: str, status: ReplyStatus) -> None:
         self.status = status
+        self.stream.buttons = self.reply_buttons
         await self._final(text)
 
     async def error(self, message: str) -> None:

@@ -18,7 +18,8 @@ create a role with any name in a server of their own):
 - In shared chats `/reset` erases everyone's history: chat administrators (as the platform says)
   and bot admins only. `/stop` stops the caller's own reply (one whose request holds a message of
   theirs, running or waiting), whatever else waits; with none of their own, a reply to someone else
-  only a chat administrator or a bot admin may stop.
+  only a chat administrator or a bot admin may stop. Changing the system prompt or
+  persona (`/system TEXT`, `/system reset`, `/persona NAME`) in a shared chat: the same as `/reset`.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ log = logging.getLogger(__name__)
 
 # Commands whose decision needs the "is this person an administrator of this chat" fact; adapters
 # ask their platform for it only then (Telegram: one getChatMember call).
-CHAT_ADMIN_COMMANDS = frozenset({"reset", "stop"})
+CHAT_ADMIN_COMMANDS = frozenset({"reset", "stop", "system", "persona"})
 
 SWITCH_ADMINS_ONLY = "Only admins can switch the model."
 SWITCH_NO_ADMINS = (SWITCH_ADMINS_ONLY + " No admins are configured, so switching from a chat is off. "
@@ -44,6 +45,8 @@ SWITCH_NO_ADMINS = (SWITCH_ADMINS_ONLY + " No admins are configured, so switchin
                     "to the bot's .env and restarting it.")
 RESET_ADMINS_ONLY = ("In a shared chat only its administrators can /reset: it erases everyone's history "
                      "here.")
+PROMPT_ADMINS_ONLY = ("In a shared chat only its administrators can change the system prompt or persona: "
+                      "it changes the bot for everyone here.")
 STOP_NOT_YOURS = "That reply answers someone else; only they or an administrator of this chat can /stop it."
 
 
@@ -108,6 +111,13 @@ def reset_refusal(msg: IncomingMessage) -> str | None:
     if not msg.is_group or _moderator(msg):
         return None
     return RESET_ADMINS_ONLY
+
+
+def prompt_refusal(msg: IncomingMessage) -> str | None:
+    """Changing a shared chat's system prompt changes the bot for everyone: moderators only."""
+    if not msg.is_group or _moderator(msg):
+        return None
+    return PROMPT_ADMINS_ONLY
 
 
 def stop_refusal(msg: IncomingMessage) -> str | None:

@@ -16,6 +16,7 @@ class MessageStatus(StrEnum):
     INCOMPLETE = "incomplete"  # reply: process died mid-reply (found at start-up)
     PENDING = "pending"  # reply: being written now
     REJECTED = "rejected"  # user: refused (too long, busy); kept, never answered or used as context
+    SUPERSEDED = "superseded"  # reply: replaced by a regenerated one (/retry); kept, never context again
 
     def in_prompt(self) -> bool:
         """Whether a message with this status is context for later replies (same rule for both roles)."""
@@ -43,6 +44,8 @@ class IncomingMessage:
     is_admin: bool = True
     is_group: bool = False  # a chat several people share (Telegram group, Discord guild channel/thread)
     is_chat_admin: bool = False  # the platform calls this person an administrator of this chat
+    message_id: str = ""  # the platform's id of this message ("" when it has none: slash commands, terminal)
+    edited: bool = False  # the person edited message `message_id` to `text` (it is not a new message)
 
 
 class ReplySink(Protocol):

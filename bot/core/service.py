@@ -4,18 +4,21 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from bot.config import ModelProfile, Settings, build_hint
 from bot.core import access
 from bot.core.messages import IncomingMessage, MessageStatus, ReplySink, ReplyStatus
+from bot.core.personas import Persona, load_personas, persona_of
 from bot.core.prompt import MessageTooLong, Turn, build_prompt
 from bot.core.queue import Event, GenerationQueue, Job, JobResult, QueueClosed, QueueFull, UserBusy
+from bot.core.stats import BotStats, bot_text, chat_text, usage_of
 from bot.engines.base import ChatMessage, Engine, GenerationParams
 from bot.errors import BotError
 from bot.storage import migrate
-from bot.storage.store import HistoryStore
+from bot.storage.store import HistoryStore, StoredMessage
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +29,10 @@ COMMANDS = {
     "reset": "forget this chat's history",
     "model": "list models, or /model NAME to switch",
     "stop": "stop your running or queued reply",
+    "system": "show the system prompt, /system TEXT to set it, /system reset",
+    "persona": "list personas, or /persona NAME to choose one",
+    "retry": "write the last reply again (a new sample)",
+    "stats": "what this chat has used (admins: the whole bot too)",
 }
 
 NOT_ALLOWED = "Sorry, you are not allowed to use this bot."
@@ -40,6 +47,12 @@ TOO_LONG_FOLDED = ("Your {count} waiting messages together are too long: {tokens
 SHUTTING_DOWN = "I'm restarting right now, so I couldn't take your message. Please send it again in a minute."
 NO_MODEL_NOW = "No model could be loaded at all right now; I keep retrying in the background."
 REQUEST_GONE = "Your message was removed before I could answer it."
+MAX_SYSTEM_CHARS = 4000  # a longer system prompt would leave little of a small model's context
+RESET_WORD = "reset"
+RETRY_MIN_TEMPERATURE = 0.7  # a regenerated reply is sampled at least this warm, so that it differs
+NOTHING_TO_RETRY = "There is no reply here to write again yet."
+RETRY_WAIT = "I'm still working on a reply here; /retry once it is finished."
+SYSTEM_TOO_LONG = "That system prompt is too long: {length} characters, limit {limit}. Nothing was changed."
 
 
 @dataclass
@@ -56,6 +69,8 @@ class _Record:
     is_group: bool = False
     reply_row: int | None = None
     askers: set[str] = field(default_factory=set)  # the user keys behind `user_rows` (the job shares this set)
+    supersedes: int | None = None  # /retry: the reply row this one replaces once it is complete
+    submitted_at: float = field(default_factory=time.monotonic)  # for the queue wait in /stats
 
 
 def help_text(current_model: str) -> str:
@@ -86,6 +101,8 @@ class ChatService:
                                      fallback_models=[settings.default_model, *settings.profiles],
                                      partial_save_s=settings.partial_save_s)
         self._waiting_records: dict[str, _Record] = {}  # chat key -> the request its waiting reply answers
+        self.personas: dict[str, Persona] = load_personas(settings.personas_file)
+        self.stats = BotStats()
         self._started = False
 
     def _default_factory(self, profile: ModelProfile) -> Engine:
@@ -135,6 +152,9 @@ class ChatService:
     # --- entry point -------------------------------------------------------------------------
     async def handle(self, msg: IncomingMessage, sink: ReplySink) -> None:
         """Answer one message: a command or a prompt. Returns when the reply is finished."""
+        if msg.edited:
+            await self._edit(msg, sink)
+            return
         if not msg.is_allowed:
             await sink.error(NOT_ALLOWED)
             return
@@ -169,6 +189,16 @@ class ChatService:
                                None: "Nothing to stop."}[stopped])
         elif name == "model":
             await self._model_command(msg, sink, arg)
+        elif name == "stats":
+            usage = usage_of(await self.store.usage_rows(chat))
+            text = chat_text(usage) + (f"\n\n{bot_text(self.stats, self.current_model)}" if msg.is_admin else "")
+            await sink.notice(text)
+        elif name == "retry":
+            await self._retry(msg, sink, chat)
+        elif name == "system":
+            await self._system_command(msg, sink, chat, arg)
+        elif name == "persona":
+            await self._persona_command(msg, sink, chat, arg)
         else:
             await sink.notice(f"Unknown command /{name}.\n" + help_text(self.current_model))
 
@@ -205,6 +235,84 @@ class ChatService:
             return
         await sink.notice(f"Switched to {now}.")
 
+    async def _latest_request(self, chat: int) -> tuple[list[StoredMessage], int | None]:
+        """The chat's latest request (the user messages its last reply answered) and that reply's row.
+
+        When the newest user messages have no reply (stopped while waiting), they are the request
+        and there is no reply to replace.
+        """
+        rows = [r for r in await self.store.messages(chat)
+                if r.status not in (MessageStatus.SUPERSEDED, MessageStatus.REJECTED)]
+        replies = [i for i, r in enumerate(rows) if r.role == "assistant"]
+        unanswered = rows[replies[-1] + 1:] if replies else rows
+        if unanswered or not replies:
+            return unanswered, None
+        first = replies[-2] + 1 if len(replies) > 1 else 0
+        return [r for r in rows[first:replies[-1]] if r.role == "user"], rows[replies[-1]].id
+
+    async def _edit(self, msg: IncomingMessage, sink: ReplySink) -> None:
+        """A person edited a message: the stored turn follows; if the chat's latest reply answered it,
+        that reply is written again (shown in place by the adapter), else nothing more happens."""
+        text = msg.text.strip()
+        if (not msg.is_allowed or not msg.message_id or not text or len(text) > MAX_MESSAGE_CHARS
+                or parse_command(text) is not None):
+            return  # an edit never earns a refusal; a blanked, huge or command edit keeps the old text
+        chat = await self.store.chat_id(msg.platform, msg.chat_id)
+        row = await self.store.find_external(chat, msg.message_id)
+        if row is None or row.role != "user" or row.status == MessageStatus.REJECTED or row.content == text:
+            return
+        await self.store.set_content(row.id, text)
+        request, old = await self._latest_request(chat)
+        key = self._key(msg)
+        if old is None or row.id not in {r.id for r in request}:
+            return  # an older turn (or one still waiting: its reply will read the new text)
+        if self.queue.is_running(key) or self.queue.has_waiting(key):
+            return  # a newer reply is under way; it reads the edited history
+        record = _Record(chat, key, [r.id for r in request], is_group=msg.is_group, supersedes=old)
+        await self._submit(msg, sink, record, reject_on_refusal=False)
+
+    async def _system_command(self, msg: IncomingMessage, sink: ReplySink, chat: int, arg: str) -> None:
+        """`/system` shows, `/system TEXT` sets, `/system reset` forgets the chat's own system prompt."""
+        if not arg:
+            own = await self.store.system_prompt(chat)
+            if own is None:
+                await sink.notice(f"System prompt (the default):\n{self.settings.system_prompt}")
+            else:
+                chosen = persona_of(self.personas, own)
+                label = f"persona {chosen}" if chosen else "set for this chat"
+                await sink.notice(f"System prompt ({label}):\n{own}\n\n/system reset returns to the default.")
+            return
+        if refusal := access.prompt_refusal(msg):
+            await sink.error(refusal)
+            return
+        if arg.lower() == RESET_WORD:
+            await self.store.set_system_prompt(chat, None)
+            await sink.notice("System prompt reset to the default.")
+            return
+        if len(arg) > MAX_SYSTEM_CHARS:
+            await sink.error(SYSTEM_TOO_LONG.format(length=len(arg), limit=MAX_SYSTEM_CHARS))
+            return
+        await self.store.set_system_prompt(chat, arg)
+        await sink.notice("System prompt set for this chat. It applies from the next reply on.")
+
+    async def _persona_command(self, msg: IncomingMessage, sink: ReplySink, chat: int, arg: str) -> None:
+        """`/persona` lists the presets (current one marked); `/persona NAME` stores its prompt."""
+        if not arg:
+            current = persona_of(self.personas, await self.store.system_prompt(chat))
+            lines = [f"{'* ' if p.name == current else '  '}{p.name}"
+                     + (f" - {p.description}" if p.description else "") for p in self.personas.values()]
+            await sink.notice("Personas (* = current):\n" + "\n".join(lines) + "\nChoose with /persona NAME")
+            return
+        if refusal := access.prompt_refusal(msg):
+            await sink.error(refusal)
+            return
+        persona = self.personas.get(arg.strip().lower())
+        if persona is None:
+            await sink.error(f"Unknown persona {arg!r}. Available: {', '.join(self.personas)}")
+            return
+        await self.store.set_system_prompt(chat, persona.prompt)
+        await sink.notice(f"Persona {persona.name} chosen for this chat.")
+
     # --- prompts -----------------------------------------------------------------------------
     @staticmethod
     def _key(msg: IncomingMessage) -> str:
@@ -220,7 +328,7 @@ class ChatService:
             await sink.error(EMPTY)
             return
         chat = await self.store.chat_id(msg.platform, msg.chat_id)
-        author = {"user_id": msg.user_id, "author_name": msg.user_name}
+        author = {"user_id": msg.user_id, "author_name": msg.user_name, "external_id": msg.message_id}
         if len(text) > MAX_MESSAGE_CHARS:
             await self.store.add(chat, "user", text, MessageStatus.REJECTED, **author)
             await sink.error(f"Your message is too long: {len(text)} characters, limit {MAX_MESSAGE_CHARS}.")
@@ -234,18 +342,38 @@ class ChatService:
             await sink.notice(FOLDED)
             return
         record = _Record(chat, key, [user_row], is_group=msg.is_group)
-        job = Job(key, prepare=lambda engine: self._prepare(engine, record),
+        await self._submit(msg, sink, record, reject_on_refusal=True)
+
+    async def _submit(self, msg: IncomingMessage, sink: ReplySink, record: _Record, *,
+                      reject_on_refusal: bool) -> None:
+        """Queue the reply `record` describes and relay it to `sink`; a refusal is said politely."""
+        job = Job(record.key, prepare=lambda engine: self._prepare(engine, record),
                   on_finish=lambda result: self._store_reply(record, result),
                   user_key=self._user_key(msg), askers=record.askers,
                   on_progress=lambda partial: self._save_partial(record, partial))
         try:
             self.queue.submit(job)
         except (QueueFull, UserBusy, QueueClosed) as exc:
-            await self.store.set_status(user_row, MessageStatus.REJECTED)
+            if reject_on_refusal:
+                await self.store.set_status(record.user_rows, MessageStatus.REJECTED)
             await sink.error({UserBusy: USER_BUSY, QueueClosed: SHUTTING_DOWN}.get(type(exc), BUSY))
             return
-        self._waiting_records[key] = record
+        self._waiting_records[record.key] = record
         await self._relay(job, sink)
+
+    async def _retry(self, msg: IncomingMessage, sink: ReplySink, chat: int) -> None:
+        """`/retry`: answer the chat's latest request again; the old reply becomes `superseded`
+        once the new one is complete (until then it stays what it was, so a failed retry loses nothing)."""
+        key = self._key(msg)
+        request, old = await self._latest_request(chat)
+        if self.queue.is_running(key) or self.queue.has_waiting(key):  # checked after the read: no await until submit
+            await sink.error(RETRY_WAIT)
+            return
+        if not request:
+            await sink.error(NOTHING_TO_RETRY)
+            return
+        record = _Record(chat, key, [r.id for r in request], is_group=msg.is_group, supersedes=old)
+        await self._submit(msg, sink, record, reject_on_refusal=False)
 
     async def _prepare(self, engine: Engine, record: _Record) -> tuple[list[ChatMessage], GenerationParams]:
         """Runs when the reply starts: prompt from the history as it is now, then a `pending` row.
@@ -255,11 +383,13 @@ class ChatService:
         """
         if self._waiting_records.get(record.key) is record:
             del self._waiting_records[record.key]  # later messages queue a new reply instead of folding
+        self.stats.waited(time.monotonic() - record.submitted_at)
         profile = self.profile(self.queue.model)
         gen = self.settings.generation_for(profile)
-        params = GenerationParams(max_new_tokens=gen.max_new_tokens, temperature=gen.temperature,
+        temperature = gen.temperature if record.supersedes is None else max(gen.temperature, RETRY_MIN_TEMPERATURE)
+        params = GenerationParams(max_new_tokens=gen.max_new_tokens, temperature=temperature,
                                   top_p=gen.top_p, repetition_penalty=gen.repetition_penalty)
-        rows = await self.store.context(record.chat)
+        rows = [r for r in await self.store.context(record.chat) if r.id != record.supersedes]
         system = await self.store.system_prompt(record.chat) or self.settings.system_prompt
         mine = set(record.user_rows)
         request = [Turn(r.role, r.content, r.author_name or r.user_id) for r in rows if r.id in mine]
@@ -272,14 +402,21 @@ class ChatService:
         speakers = {r.user_id for r in rows if r.role == "user"}
         name_speakers = record.is_group or len(speakers) > 1
         loop = asyncio.get_running_loop()
+        unmeasured = [r for r in rows if r.id in mine and r.token_count is None]
+
+        def build() -> tuple[list[ChatMessage], dict[int, int]]:
+            prompt = build_prompt(system, history, request, engine.count_tokens, engine.context_length,
+                                  params.max_new_tokens, name_speakers)
+            return prompt, {r.id: engine.count_tokens([ChatMessage("user", r.content)]) for r in unmeasured}
+
         try:
-            messages = await loop.run_in_executor(
-                None, lambda: build_prompt(system, history, request, engine.count_tokens, engine.context_length,
-                                           params.max_new_tokens, name_speakers))
+            messages, tokens_in = await loop.run_in_executor(None, build)
         except MessageTooLong as exc:
             await self.store.set_status(record.user_rows, MessageStatus.REJECTED)
             template = TOO_LONG_FOLDED if len(request) > 1 else TOO_LONG
             raise BotError(template.format(count=len(request), tokens=exc.tokens, limit=exc.limit)) from None
+        if tokens_in:
+            await self.store.set_token_counts(tokens_in)  # "tokens in" of /stats
         record.reply_row = await self.store.add(record.chat, "assistant", "", MessageStatus.PENDING,
                                                 model=self.queue.model)
         return messages, params
@@ -289,15 +426,20 @@ class ChatService:
             await self.store.save_partial(record.reply_row, text)
 
     async def _store_reply(self, record: _Record, result: JobResult) -> None:
+        self.stats.finished(result.status, result.stats.prompt_tokens, result.stats.completion_tokens,
+                            result.stats.total_s)
         if self._waiting_records.get(record.key) is record:
             del self._waiting_records[record.key]
         if record.reply_row is None:  # never started: cancelled while waiting, or refused
             return
         await self.store.finish(record.reply_row, result.text, result.status,
                                 token_count=result.stats.completion_tokens, model=result.model)
-        if result.status == ReplyStatus.FAILED:
+        if record.supersedes is not None and result.status == ReplyStatus.COMPLETE:
+            await self.store.set_status(record.supersedes, MessageStatus.SUPERSEDED)
+        elif record.supersedes is None and result.status == ReplyStatus.FAILED:
             # The asker is told to try again, so the request is not context later (left in, merged into the
-            # next turn, a message that breaks the engine would fail every later reply of the chat).
+            # next turn, a message that breaks the engine would fail every later reply of the chat). A failed
+            # /retry keeps the old reply, and with it its request.
             await self.store.set_status(record.user_rows, MessageStatus.FAILED)
 
     async def _relay(self, job: Job, sink: ReplySink) -> None:

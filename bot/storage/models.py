@@ -31,7 +31,8 @@ class Chat(Base):
 
 class Message(Base):
     __tablename__ = "messages"
-    __table_args__ = (Index("ix_messages_chat_id_id", "chat_id", "id"),)
+    __table_args__ = (Index("ix_messages_chat_id_id", "chat_id", "id"),
+                      Index("ix_messages_chat_id_external_id", "chat_id", "external_id"))
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     chat_id: Mapped[int] = mapped_column(ForeignKey("chats.id", ondelete="CASCADE"))
@@ -40,6 +41,7 @@ class Message(Base):
     status: Mapped[str] = mapped_column(String(16), default=MessageStatus.COMPLETE.value)  # a MessageStatus
     user_id: Mapped[str | None] = mapped_column(String(255), nullable=True)
     author_name: Mapped[str | None] = mapped_column(String(255), nullable=True)  # display name when sent
+    external_id: Mapped[str | None] = mapped_column(String(64), nullable=True)  # the platform's message id
     model: Mapped[str | None] = mapped_column(String(255), nullable=True)
     token_count: Mapped[int | None] = mapped_column(Integer, nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

@@ -65,12 +65,19 @@ class HistoryStore:
         async with self._session() as s:
             return await s.scalar(select(Chat.system_prompt).where(Chat.id == chat_id))
 
+    async def set_system_prompt(self, chat_id: int, prompt: str | None) -> None:
+        """The chat's own system prompt; None returns the chat to the configured default."""
+        async with self._session() as s:
+            await s.execute(update(Chat).where(Chat.id == chat_id).values(system_prompt=prompt))
+            await s.commit()
+
     async def add(self, chat_id: int, role: str, content: str, status: MessageStatus = MessageStatus.COMPLETE, *,
                   user_id: str | None = None, author_name: str | None = None, model: str | None = None,
-                  token_count: int | None = None) -> int:
+                  token_count: int | None = None, external_id: str | None = None) -> int:
         async with self._session() as s:
             msg = Message(chat_id=chat_id, role=role, content=content, status=MessageStatus(status).value,
-                          user_id=user_id, author_name=author_name, model=model, token_count=token_count)
+                          user_id=user_id, author_name=author_name, model=model, token_count=token_count,
+                          external_id=external_id or None)
             s.add(msg)
             await s.commit()
             return msg.id
@@ -118,6 +125,39 @@ class HistoryStore:
             rows = (await s.scalars(select(Message).where(Message.chat_id == chat_id)
                                     .order_by(Message.id))).all()
         return [_stored(m) for m in rows]
+
+    async def find_external(self, chat_id: int, external_id: str) -> StoredMessage | None:
+        """The stored message the platform knows as `external_id` in this chat (a person's message)."""
+        async with self._session() as s:
+            found = await s.scalar(select(Message).where(Message.chat_id == chat_id, Message.external_id == external_id)
+                                   .order_by(Message.id.desc()).limit(1))
+        return _stored(found) if found is not None else None
+
+    async def set_content(self, message_id: int, content: str) -> None:
+        """A person edited their message: the stored turn says what it says now (token count redone)."""
+        async with self._session() as s:
+            await s.execute(update(Message).where(Message.id == message_id)
+                            .values(content=content, token_count=None, updated_at=utcnow()))
+            await s.commit()
+
+    async def set_token_counts(self, counts: dict[int, int]) -> None:
+        """Token counts of messages measured after they were stored (people's messages, when answered)."""
+        async with self._session() as s:
+            for message_id, tokens in counts.items():
+                await s.execute(update(Message).where(Message.id == message_id).values(token_count=tokens))
+            await s.commit()
+
+    async def usage_rows(self, chat_id: int) -> list[tuple[str, str, int | None, float | None]]:
+        """(role, status, token_count, seconds from creation to last update) of every message of a chat.
+
+        A reply row is created when generation starts and last updated when it ends, so its span is
+        the time it took to write (`/stats` speed) without storing anything more.
+        """
+        async with self._session() as s:
+            rows = (await s.execute(select(Message.role, Message.status, Message.token_count, Message.created_at,
+                                           Message.updated_at).where(Message.chat_id == chat_id))).all()
+        return [(role, status, tokens, (updated - created).total_seconds() if created and updated else None)
+                for role, status, tokens, created, updated in rows]
 
     async def clear(self, chat_id: int) -> int:
         async with self._session() as s:

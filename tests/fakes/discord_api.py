@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import mimetypes
 import re
 import secrets
 import time
@@ -78,7 +79,7 @@ class FakeInteraction:
     channel_id: str
     user_id: str
     created: float
-    kind: int = 2  # 2 application command, 4 autocomplete
+    kind: int = 2  # 2 application command, 3 message component, 4 autocomplete
     ack_type: int | None = None
     acked_at: float | None = None
     ephemeral: bool = False
@@ -421,11 +422,36 @@ class FakeDiscord:
                 data.update(content="", embeds=[], attachments=[], components=[])
         return data
 
-    async def user_message(self, channel: Json, author: Json, content: str, *, reply_to: Json | None = None) -> Json:
-        """A person posts in a channel or DM; the bot gets MESSAGE_CREATE."""
+    async def user_message(self, channel: Json, author: Json, content: str, *, reply_to: Json | None = None,
+                           attachments: list[str] = ()) -> Json:  # type: ignore[assignment]
+        """A person posts in a channel or DM (with files named `attachments`); the bot gets MESSAGE_CREATE."""
         msg = self._message(channel["id"], author, content, reference=reply_to)
+        msg["attachments"] = [self._attachment(channel["id"], name) for name in attachments]
         await self.dispatch("MESSAGE_CREATE", self._for_gateway(msg))
         return msg
+
+    async def user_edits(self, message: Json, content: str) -> Json:
+        """The author edits their message; the bot gets MESSAGE_UPDATE with the whole message."""
+        stored = self.messages[message["channel_id"]][message["id"]]
+        stored.update(content=content, edited_timestamp=_now_iso(),
+                      mentions=[self.users[u] for u in sorted(set(re.findall(r"<@!?(\d+)>", content)))
+                                if u in self.users])
+        await self.dispatch("MESSAGE_UPDATE", self._for_gateway(stored))
+        return stored
+
+    @staticmethod
+    def _attachment(channel_id: str, filename: str) -> Json:
+        """An attachment object as Discord sends it (CDN URLs; images also carry their size)."""
+        attachment_id = snowflake()
+        url = f"https://cdn.discordapp.com/attachments/{channel_id}/{attachment_id}/{filename}"
+        found: Json = {"id": attachment_id, "filename": filename, "size": 12345, "url": url,
+                       "proxy_url": url.replace("cdn.discordapp.com", "media.discordapp.net")}
+        kind = mimetypes.guess_type(filename)[0]
+        if kind:
+            found["content_type"] = kind
+        if kind and kind.startswith("image/"):
+            found.update(width=640, height=480)
+        return found
 
     async def delete_message(self, message: Json) -> None:
         """Someone (a moderator) deletes a message; the bot gets MESSAGE_DELETE."""
@@ -471,6 +497,12 @@ class FakeDiscord:
         data: Json = {"id": command["id"], "name": name, "type": 1, "options": opts}
         if scope:
             data["guild_id"] = scope
+        await self.dispatch("INTERACTION_CREATE", self._interaction_payload(inter, channel, user, data))
+        return inter
+
+    def _interaction_payload(self, inter: FakeInteraction, channel: Json, user: Json, data: Json) -> Json:
+        """INTERACTION_CREATE as Discord sends it: who, where (member in guilds, user in DMs), what."""
+        guild_id = channel.get("guild_id")
         payload: Json = {"id": inter.id, "application_id": self.app_id, "type": inter.kind, "data": data,
                          "token": inter.token, "version": 1, "locale": "en-US", "app_permissions": "1071698660929",
                          "attachment_size_limit": 10485760, "entitlements": [], "authorizing_integration_owners":
@@ -486,8 +518,32 @@ class FakeDiscord:
             payload["member"] = member | {"permissions": str(self.member_permissions(guild_id, user["id"]))}
         else:
             payload["user"] = user
+        return payload
+
+    async def press(self, message: Json, custom_id: str, user: Json) -> FakeInteraction:
+        """A person clicks the button `custom_id` under `message` (a message component interaction).
+
+        Like Discord, only a button that is on the message can be clicked (LookupError otherwise).
+        The interaction's original response is that message (callback types 6 and 7 update it).
+        """
+        current = self.messages[message["channel_id"]][message["id"]]
+        ids = self.button_ids(current)
+        if custom_id not in ids:
+            raise LookupError(f"no button {custom_id!r} on that message (it has {ids})")
+        channel = self.channels[current["channel_id"]]
+        inter = FakeInteraction(id=snowflake(), token="aW50ZXJhY3Rpb246" + secrets.token_urlsafe(72), name=custom_id,
+                                channel_id=channel["id"], user_id=user["id"], created=time.monotonic(), kind=3,
+                                original=current)
+        self.interactions[inter.id] = inter
+        payload = self._interaction_payload(inter, channel, user, {"custom_id": custom_id, "component_type": 2})
+        payload["message"] = {k: v for k, v in current.items() if not k.startswith("_")}
         await self.dispatch("INTERACTION_CREATE", payload)
         return inter
+
+    @staticmethod
+    def button_ids(message: Json) -> list[str]:
+        """The custom_ids of the buttons under a message (its latest state)."""
+        return [b.get("custom_id") for row in message.get("components", []) for b in row.get("components", [])]
 
     # ----------------------------------------------------------------- REST
 
@@ -573,6 +629,27 @@ class FakeDiscord:
         return self.channels[channel_id]
 
     @staticmethod
+    def _apply_components(msg: Json, body: Any) -> None:
+        """`components` in a create/edit body replaces the message's (absent: unchanged, as on PATCH).
+
+        Checked like Discord: action rows (type 1) of at most 5 buttons (type 2); a non-link button
+        needs a custom_id of 1-100 characters; labels at most 80.
+        """
+        if not isinstance(body, dict) or "components" not in body:
+            return
+        rows = body["components"] or []
+        for row in rows:
+            buttons = row.get("components", [])
+            if row.get("type") != 1 or not 1 <= len(buttons) <= 5:
+                raise _ApiError(400, 50035, "Invalid Form Body", errors={"components": "action rows of 1-5"})
+            for b in buttons:
+                link = b.get("style") == 5
+                if b.get("type") != 2 or len(b.get("label") or "") > 80 or (
+                        not link and not 1 <= len(b.get("custom_id") or "") <= 100):
+                    raise _ApiError(400, 50035, "Invalid Form Body", errors={"components": "bad button"})
+        msg["components"] = rows
+
+    @staticmethod
     def _check_content(body: Any, *, required: bool) -> str | None:
         content = (body or {}).get("content")
         if content is not None and len(content) > MAX_CONTENT:
@@ -625,17 +702,29 @@ class FakeDiscord:
         kind, data = body.get("type"), body.get("data") or {}
         if inter.kind == 4 and kind != 8:
             raise _ApiError(400, 50035, "Invalid Form Body", errors={"type": "autocomplete needs type 8"})
+        if kind in (6, 7) and inter.kind != 3:
+            raise _ApiError(400, 50035, "Invalid Form Body", errors={"type": "only for component interactions"})
         if kind == 8:
             choices = data.get("choices", [])
             if len(choices) > 25 or any(not 1 <= len(c.get("name", "")) <= 100 for c in choices):
                 raise _ApiError(400, 50035, "Invalid Form Body", errors={"choices": "1-25, names 1-100"})
             inter.choices = choices
+        elif kind == 6:  # deferred update: the message the component is on stays the original
+            pass
+        elif kind == 7:  # update that message now
+            assert inter.original is not None
+            content = self._check_content(data, required=False)
+            self._apply_components(inter.original, data)
+            if content is not None:
+                inter.original["content"] = content
+                inter.original["edited_timestamp"] = _now_iso()
         elif kind in (4, 5):
             content = self._check_content(data, required=kind == 4)
             inter.ephemeral = bool(int(data.get("flags", 0)) & 64)
             flags = (64 if inter.ephemeral else 0) | (128 if kind == 5 else 0)
             inter.original = self._message(inter.channel_id, self.bot_user, content or "", flags=flags,
                                            webhook_id=self.app_id, interaction=inter)
+            self._apply_components(inter.original, data)
         else:
             raise _ApiError(400, 50035, "Invalid Form Body", errors={"type": f"unsupported type {kind}"})
         inter.ack_type, inter.acked_at = kind, time.monotonic()
@@ -666,6 +755,7 @@ class FakeDiscord:
             flags = int((body or {}).get("flags", 0)) & 64
             msg = self._message(inter.channel_id, self.bot_user, content or "", flags=flags, webhook_id=self.app_id,
                                 interaction=inter)
+            self._apply_components(msg, body)
             inter.followups.append(msg)
             return 200, msg
         target = inter.original if message_id == "@original" else next(
@@ -680,6 +770,7 @@ class FakeDiscord:
         if method != "PATCH":
             raise _ApiError(405, 0, "405: Method Not Allowed")
         content = self._check_content(body, required=False)
+        self._apply_components(target, body)
         if content is not None:
             target["content"] = content
             target["flags"] = int(target.get("flags", 0)) & ~128
@@ -703,6 +794,7 @@ class FakeDiscord:
                     raise _ApiError(400, 50035, "Invalid Form Body",
                                     errors={"message_reference": "Unknown message"})
             msg = self._message(channel_id, self.bot_user, content or "", reference=reference)
+            self._apply_components(msg, body)
             asyncio.get_running_loop().create_task(self._echo(msg))
             return 200, msg
         msg = self.messages[channel_id].get(message_id)
@@ -718,6 +810,7 @@ class FakeDiscord:
         if msg["author"]["id"] != self.app_id:
             raise _ApiError(403, 50005, "Cannot edit a message authored by another user")
         content = self._check_content(body, required=False)
+        self._apply_components(msg, body)
         if content is not None:
             msg["content"] = content
             msg["edited_timestamp"] = _now_iso()

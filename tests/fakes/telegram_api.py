@@ -163,6 +163,12 @@ class _Injected:
     when: Callable[[dict[str, Any]], bool] | None = None
 
 
+# Update types sent when allowed_updates is empty or was never given (all but these opt-in ones).
+DEFAULT_UPDATES = {"message", "edited_message", "channel_post", "edited_channel_post", "inline_query",
+                   "chosen_inline_result", "callback_query", "shipping_query", "pre_checkout_query", "poll",
+                   "poll_answer", "my_chat_member", "chat_join_request", "business_message"}
+
+
 class FakeTelegram:
     """The server. `async with FakeTelegram() as tg:` then `Settings(telegram_api_base_url=tg.base_url)`."""
 
@@ -174,6 +180,7 @@ class FakeTelegram:
                          "supports_inline_queries": False}
         self.calls: list[Call] = []
         self.updates: list[dict[str, Any]] = []
+        self.allowed_updates: list[str] | None = None  # as the bot last set it in getUpdates
         self.messages: dict[tuple[int, int], FakeMessage] = {}
         self.commands: list[dict[str, Any]] = []
         self._update_ids = itertools.count(1)
@@ -305,6 +312,24 @@ class FakeTelegram:
         self.messages[(chat["id"], mid)] = FakeMessage(chat, mid, text, msg.get("entities", []), False,
                                                        msg["date"], thread_id)
         return await self._push("message", msg)
+
+    async def user_edits(self, message_id: int, text: str, *, user_id: int = 1001, name: str = "Alice",
+                         chat: dict[str, Any] | None = None) -> dict[str, Any]:
+        """A person edits their message `message_id` to `text`: an `edited_message` update (with edit_date)."""
+        chat = chat or self.private_chat(user_id, name)
+        stored = self.messages[(chat["id"], message_id)]
+        if stored.from_bot:
+            raise ValueError("people can only edit their own messages")
+        stored.text = text
+        stored.entities = self._entities_for(text)
+        msg: dict[str, Any] = {"message_id": message_id, "from": self._user(user_id, name), "chat": chat,
+                               "date": stored.date, "edit_date": int(time.time()), "text": text}
+        if stored.entities:
+            msg["entities"] = stored.entities
+        if stored.thread_id is not None:
+            msg["message_thread_id"] = stored.thread_id
+            msg["is_topic_message"] = True
+        return await self._push("edited_message", msg)
 
     async def user_sends_sticker(self, *, user_id: int = 1001, name: str = "Alice",
                                  chat: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -475,9 +500,13 @@ class FakeTelegram:
         timeout = float(params.get("timeout") or 0)
         if offset:
             self.updates = [u for u in self.updates if u["update_id"] >= offset]  # confirmed ones go
+        if "allowed_updates" in params:  # the setting persists until a later getUpdates changes it
+            self.allowed_updates = params["allowed_updates"] or None
+        wanted = set(self.allowed_updates) if self.allowed_updates else DEFAULT_UPDATES
         deadline = time.monotonic() + timeout
         async with self._new_update:
             while True:
+                self.updates = [u for u in self.updates if set(u) - {"update_id"} <= wanted]  # others: never sent
                 pending = [u for u in self.updates if u["update_id"] >= offset]
                 left = deadline - time.monotonic()
                 if pending or left <= 0:
@@ -533,6 +562,21 @@ class FakeTelegram:
         m.text, m.entities, m.reply_markup = text, entities, markup
         m.edits += 1
         m.history.append(text)
+        return self._message_json(m)
+
+    async def _m_editmessagereplymarkup(self, params: dict[str, Any]) -> Any:
+        """Only the inline keyboard changes; no reply_markup removes it. Same errors as editMessageText."""
+        chat = self._chat(params.get("chat_id"))
+        m = self.messages.get((chat["id"], int(params.get("message_id") or 0)))
+        if m is None or m.deleted:
+            raise bad_request("message to edit not found")
+        if not m.from_bot:
+            raise bad_request("message can't be edited")
+        markup = params.get("reply_markup") or None
+        if markup == m.reply_markup:
+            raise ApiError(400, NOT_MODIFIED)
+        self._flood_check(chat["id"])
+        m.reply_markup = markup
         return self._message_json(m)
 
     async def _m_getchatmember(self, params: dict[str, Any]) -> Any:

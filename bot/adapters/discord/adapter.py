@@ -23,10 +23,11 @@ import aiohttp
 import discord
 from discord import app_commands
 
-from bot.adapters.delivery import handle_reply, started
+from bot.adapters.delivery import TEXT_ONLY, handle_reply, not_read_note, started
+from bot.adapters.regenerate import BUTTON_ID, BUTTON_LABEL, RETRY_COMMAND, STALE, LatestReplies, strip
 from bot.adapters.discord.access import judge, manages_messages
 from bot.adapters.discord.commands import build_tree
-from bot.adapters.discord.ops import INTERACTION_TOKEN_TTL_S, ChannelOps, InteractionOps
+from bot.adapters.discord.ops import INTERACTION_TOKEN_TTL_S, ChannelOps, InteractionOps, Sent
 from bot.adapters.discord.sink import DiscordSink
 from bot.adapters.streaming import Pacer, StreamingMessage
 from bot.config import Settings
@@ -49,7 +50,9 @@ PERMANENT_CLOSE_CODES = {4004, 4010, 4011, 4012, 4013}
 REFUSAL_COOLDOWN_S = 3600.0  # a refused person is told "not allowed" (mentions, DMs) at most once per this long
 
 PLATFORM = "discord"
+REGENERATE_BUTTONS = ((BUTTON_ID, BUTTON_LABEL),)  # under each finished reply (see bot.adapters.regenerate)
 NOT_HERE = "Sorry, I don't answer in this channel."
+NOT_ALLOWED = "Sorry, you are not allowed to use this bot."
 SOMETHING_WRONG = "Sorry, something went wrong. Please try again."
 MESSAGE_CONTENT_HELP = (
     "Discord refused the MESSAGE_CONTENT intent. Enable it in the Developer Portal (your application -> "
@@ -86,6 +89,16 @@ class _Client(discord.Client):
     async def on_message(self, message: discord.Message) -> None:
         await self.adapter.on_message(message)
 
+    async def on_message_edit(self, before: discord.Message, after: discord.Message) -> None:
+        if before.content != after.content:  # not an embed unfurling or a pin
+            await self.adapter.on_message(after, edited=True)
+
+    async def on_interaction(self, interaction: discord.Interaction) -> None:
+        """Slash commands go to the tree; a press on our Regenerate button comes here."""
+        if (interaction.type == discord.InteractionType.component
+                and (interaction.data or {}).get("custom_id") == BUTTON_ID):
+            await self.adapter.regenerate(interaction)
+
 
 class DiscordAdapter:
     """Runs the bot on Discord: `await start()` logs in and connects in the background."""
@@ -112,6 +125,7 @@ class DiscordAdapter:
         self._pacers: dict[int, Pacer] = {}
         self._in_flight: set[asyncio.Task[object]] = set()
         self._refused: dict[int, float] = {}  # user id -> when they were last told "not allowed"
+        self._latest = LatestReplies()  # the messages of each channel's latest reply (its Regenerate button)
 
     # --- lifecycle ---------------------------------------------------------------------------
     def _token(self) -> str:
@@ -235,6 +249,7 @@ class DiscordAdapter:
         try:  # handle_reply closes the sink: no edit loop outlives its message
             await handle_reply(self.service, msg, sink, log=log, label="Discord", something_wrong=SOMETHING_WRONG,
                                ready=self.service_ready)
+            await self._latest.delivered(msg.chat_id, sink)
         finally:
             if task is not None:
                 self._in_flight.discard(task)
@@ -257,13 +272,54 @@ class DiscordAdapter:
             return
         ops = InteractionOps(interaction, ephemeral=ephemeral, token_ttl_s=self.token_ttl_s)
         pacer = Pacer(self.settings.discord_edit_interval_s) if ephemeral else self._pacer(interaction.channel_id or 0)
-        sink = DiscordSink(StreamingMessage(ops, pacer, self.settings.delivery_retry_s))
+        sink = DiscordSink(StreamingMessage(ops, pacer, self.settings.delivery_retry_s),
+                           reply_buttons=None if ephemeral else REGENERATE_BUTTONS)
         user = interaction.user
         msg = IncomingMessage(platform=PLATFORM, chat_id=str(interaction.channel_id), user_id=str(user.id),
                               user_name=user.display_name, text=text, is_allowed=access.allowed,
                               is_admin=access.admin, is_group=in_guild,
                               is_chat_admin=in_guild and interaction.permissions.manage_messages)
         await self._handle(msg, sink)
+
+    async def regenerate(self, interaction: discord.Interaction) -> None:
+        """The Regenerate button: `/retry`, streamed into the reply it is under (edited in place)."""
+        assert self.client is not None
+        in_guild = interaction.guild_id is not None
+        access = await judge(self.policy, self.client, interaction.user, interaction.channel, in_guild)
+        key = str(interaction.channel_id)
+        pressed = interaction.message
+        if not access.place_ok or not access.allowed or pressed is None:
+            await self._say_privately(interaction, NOT_HERE if not access.place_ok else NOT_ALLOWED)
+            return
+        ops = InteractionOps(interaction, token_ttl_s=self.token_ttl_s)
+        sink = DiscordSink(StreamingMessage(ops, self._pacer(interaction.channel_id or 0),
+                                            self.settings.delivery_retry_s), reply_buttons=REGENERATE_BUTTONS)
+        if self._latest.is_stale(key, pressed.id):
+            await self._say_privately(interaction, STALE)
+            await strip(sink, pressed.id)
+            return
+        try:
+            await interaction.response.defer()  # a component: "deferred update", the message stays as it is
+        except discord.HTTPException as exc:
+            log.warning("Discord: could not acknowledge a Regenerate press: %s", exc)
+            return
+        channel = interaction.channel
+        earlier = [i for i in self._latest.messages(key) or [] if i != pressed.id]
+        ops.original_used = True
+        sink.replace_messages([*(Sent(channel.get_partial_message(int(i)), via_token=False)  # type: ignore[union-attr]
+                                 for i in earlier), Sent("original", via_token=True)])
+        msg = IncomingMessage(platform=PLATFORM, chat_id=key, user_id=str(interaction.user.id),
+                              user_name=interaction.user.display_name, text=RETRY_COMMAND, is_allowed=True,
+                              is_admin=access.admin, is_group=in_guild,
+                              is_chat_admin=in_guild and interaction.permissions.manage_messages)
+        await self._handle(msg, sink)
+
+    @staticmethod
+    async def _say_privately(interaction: discord.Interaction, text: str) -> None:
+        try:
+            await interaction.response.send_message(text, ephemeral=True)
+        except discord.HTTPException as exc:
+            log.warning("Discord: could not answer a button press: %s", exc)
 
     async def command_failed(self, interaction: discord.Interaction, error: app_commands.AppCommandError) -> None:
         log.error("Discord: slash command failed: %s", error, exc_info=error)
@@ -300,15 +356,19 @@ class DiscordAdapter:
             text = text.replace(own_role.mention, " ")
         return text.strip()
 
-    async def on_message(self, message: discord.Message) -> None:
-        """DMs, and guild messages that mention the bot or reply to it, are prompts."""
+    async def on_message(self, message: discord.Message, *, edited: bool = False) -> None:
+        """DMs, and guild messages that mention the bot or reply to it, are prompts.
+
+        `edited`: the person changed the message; if the channel's latest reply answered it, that
+        reply is rewritten in place (the service decides; most edits only change the stored text).
+        """
         if message.author.bot or message.type not in (discord.MessageType.default, discord.MessageType.reply):
             return
         if not self._addressed(message):
             return
         in_guild = message.guild is not None
         text = self._prompt_text(message)
-        if in_guild and not message.content:
+        if in_guild and not message.content and not message.attachments and not message.stickers:
             log.warning("Discord: a reply to the bot arrived without text; is the MESSAGE_CONTENT intent on?")
             return
         assert self.client is not None
@@ -316,6 +376,8 @@ class DiscordAdapter:
         if not access.place_ok:
             log.info("Discord: ignoring a message in channel %s (not in DISCORD_ALLOWED_CHANNELS)",
                      message.channel.id)
+            return
+        if edited and not access.allowed:
             return
         if not access.allowed:  # say it once, not at every mention (slash commands always answer privately)
             now = asyncio.get_running_loop().time()
@@ -330,9 +392,20 @@ class DiscordAdapter:
                 pass
 
         stream = StreamingMessage(ChannelOps(message), self._pacer(message.channel.id), self.settings.delivery_retry_s)
-        sink = DiscordSink(stream, on_started=typing)
+        sink = DiscordSink(stream, on_started=typing, reply_buttons=REGENERATE_BUTTONS)
+        unread = [a.filename for a in message.attachments] + [s.name for s in message.stickers]
+        if edited:
+            sink.replace_messages([Sent(message.channel.get_partial_message(int(i)), via_token=False)  # type: ignore[union-attr]
+                                   for i in self._latest.messages(str(message.channel.id)) or []])
+        elif unread and access.allowed:
+            if not text:  # nothing but files or stickers: the same note as on Telegram, nothing stored
+                await sink.notice(TEXT_ONLY)
+                await sink.close()
+                return
+            sink.footer = not_read_note(unread)
         msg = IncomingMessage(platform=PLATFORM, chat_id=str(message.channel.id), user_id=str(message.author.id),
                               user_name=message.author.display_name, text=text, is_allowed=access.allowed,
                               is_admin=access.admin, is_group=in_guild,
-                              is_chat_admin=manages_messages(message.channel, message.author))
+                              is_chat_admin=manages_messages(message.channel, message.author),
+                              message_id=str(message.id), edited=edited)
         await self._handle(msg, sink)

@@ -1,4 +1,4 @@
-"""The slash commands: /chat, /reset, /model (with autocomplete) and /stop."""
+"""The slash commands: /chat, /reset, /model and /persona (with autocomplete), /system, /retry, /stats, /stop."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ MAX_CHOICES = 25  # Discord's limit for autocomplete results
 CURRENT_MARK = " (current)"
 NOT_READY_MARK = " (not ready)"
 
-COMMAND_NAMES = ("chat", "reset", "model", "stop")
+COMMAND_NAMES = ("chat", "reset", "model", "stop", "system", "persona", "retry", "stats")
 
 
 def model_choices(names: list[str], current: str, typed: str,
@@ -27,6 +27,13 @@ def model_choices(names: list[str], current: str, typed: str,
     return [app_commands.Choice(name=n + (CURRENT_MARK if n == current else NOT_READY_MARK if n in not_ready else ""),
                                 value=n)
             for n in found[:MAX_CHOICES]]
+
+
+def persona_choices(personas: dict[str, str], typed: str) -> list[app_commands.Choice[str]]:
+    """Personas (name -> description) whose name contains what was typed, described."""
+    typed = typed.strip().lower()
+    return [app_commands.Choice(name=f"{n} - {d}"[:100] if d else n, value=n)
+            for n, d in personas.items() if typed in n.lower()][:MAX_CHOICES]
 
 
 def build_tree(client: discord.Client, adapter: DiscordAdapter) -> app_commands.CommandTree:
@@ -55,6 +62,28 @@ def build_tree(client: discord.Client, adapter: DiscordAdapter) -> app_commands.
     @tree.command(name="stop", description="Stop your running or waiting reply")
     async def stop(interaction: discord.Interaction) -> None:
         await adapter.run_interaction(interaction, "/stop", private=True)
+
+    @tree.command(name="system", description="Show this chat's system prompt, or set it ('reset': the default)")
+    @app_commands.describe(text="The new system prompt, or 'reset' (leave empty to show it)")
+    async def system(interaction: discord.Interaction, text: str | None = None) -> None:
+        await adapter.run_interaction(interaction, f"/system {text}" if text else "/system", private=True)
+
+    @tree.command(name="persona", description="List the personas, or choose one for this chat")
+    @app_commands.describe(name="The persona to choose (leave empty to list them)")
+    async def persona(interaction: discord.Interaction, name: str | None = None) -> None:
+        await adapter.run_interaction(interaction, f"/persona {name}" if name else "/persona", private=True)
+
+    @persona.autocomplete("name")
+    async def persona_autocomplete(interaction: discord.Interaction, current: str) -> list[app_commands.Choice[str]]:
+        return persona_choices({p.name: p.description for p in adapter.service.personas.values()}, current)
+
+    @tree.command(name="retry", description="Write the last reply in this conversation again")
+    async def retry(interaction: discord.Interaction) -> None:
+        await adapter.run_interaction(interaction, "/retry", private=False)
+
+    @tree.command(name="stats", description="What this conversation has used (admins: the whole bot too)")
+    async def stats(interaction: discord.Interaction) -> None:
+        await adapter.run_interaction(interaction, "/stats", private=True)
 
     @tree.error
     async def on_error(interaction: discord.Interaction, error: app_commands.AppCommandError) -> None:

@@ -71,6 +71,56 @@ async def call_discord(request: Callable[[], Awaitable[T]]) -> T:
         raise TransientError(str(exc)) from exc
 
 
+@dataclass(frozen=True)
+class Buttoned:
+    """Message content with buttons under it: (custom_id, label) pairs, one action row."""
+
+    content: str
+    buttons: tuple[tuple[str, str], ...]
+
+    def __str__(self) -> str:
+        return self.content
+
+
+def view_for(rendered: Hashable) -> discord.ui.View | None:
+    """The buttons of `rendered` as a view, or None (which clears a message's buttons on edit).
+
+    The view is stopped at once: discord.py then does not keep it in memory per message; presses
+    reach the adapter's `on_interaction` by custom_id, also after a restart.
+    """
+    if not isinstance(rendered, Buttoned):
+        return None
+    view = discord.ui.View(timeout=None)
+    for custom_id, label in rendered.buttons:
+        view.add_item(discord.ui.Button(label=label, custom_id=custom_id, style=discord.ButtonStyle.secondary))
+    view.stop()
+    return view
+
+
+def with_view(rendered: Hashable) -> dict[str, Any]:
+    """Keyword arguments for a send: a view only when there are buttons."""
+    view = view_for(rendered)
+    return {"view": view} if view is not None else {}
+
+
+async def strip_buttons_in(channel: Any, message_id: Hashable) -> None:
+    """Clear the buttons under one of the bot's messages in `channel`."""
+    if channel is None or not hasattr(channel, "get_partial_message"):
+        return
+    partial = channel.get_partial_message(int(message_id))  # type: ignore[call-overload]
+    await call_discord(lambda: partial.edit(view=None))
+
+
+class DiscordButtonsMixin:
+    """Buttons and message ids for both Discord ops (the streaming loop's optional hooks)."""
+
+    def with_buttons(self, rendered: Hashable, buttons: Hashable) -> Hashable:
+        return Buttoned(str(rendered), buttons)  # type: ignore[arg-type]
+
+    def message_id(self, handle: Sent) -> Hashable:
+        return self.original_id if handle.message == "original" else handle.message.id  # type: ignore[attr-defined]
+
+
 @dataclass
 class Sent:
     """A message the bot sent: the object to edit it with, and whether it hangs on the token."""
@@ -79,7 +129,7 @@ class Sent:
     via_token: bool
 
 
-class ChannelOps(MessageOps[Sent]):
+class ChannelOps(DiscordButtonsMixin, MessageOps[Sent]):
     """Reply to `source` (a person's message), then continue in its channel."""
 
     limit = MESSAGE_LIMIT
@@ -94,17 +144,22 @@ class ChannelOps(MessageOps[Sent]):
             reference = self.source.to_reference(fail_if_not_exists=False)
             msg = await call_discord(lambda: self.source.channel.send(content, reference=reference,
                                                                       allowed_mentions=REPLY_PING,
-                                                                      mention_author=True))
+                                                                      mention_author=True, **with_view(rendered)))
         else:
-            msg = await call_discord(lambda: self.source.channel.send(content, allowed_mentions=NO_PINGS))
+            msg = await call_discord(lambda: self.source.channel.send(content, allowed_mentions=NO_PINGS,
+                                                                      **with_view(rendered)))
         self.sent_any = True
         return Sent(msg, via_token=False)
 
     async def edit(self, handle: Sent, rendered: Hashable) -> None:
-        await call_discord(lambda: handle.message.edit(content=str(rendered), allowed_mentions=NO_PINGS))
+        await call_discord(lambda: handle.message.edit(content=str(rendered), allowed_mentions=NO_PINGS,
+                                                       view=view_for(rendered)))
+
+    async def strip_buttons(self, message_id: Hashable) -> None:
+        await strip_buttons_in(self.source.channel, message_id)
 
 
-class InteractionOps(MessageOps[Sent]):
+class InteractionOps(DiscordButtonsMixin, MessageOps[Sent]):
     """Edit the deferred response of `interaction`, then follow-ups, then channel messages."""
 
     limit = MESSAGE_LIMIT
@@ -116,7 +171,10 @@ class InteractionOps(MessageOps[Sent]):
         self.token_ttl_s = token_ttl_s
         self.started = time.monotonic()  # just after the interaction arrived
         self.original_used = False
+        self.original_id: int | None = None  # the original response's message id, once known
         self.token_dead = False
+        if interaction.type == discord.InteractionType.component and interaction.message is not None:
+            self.original_id = interaction.message.id  # a button press: the message it is under
 
     @property
     def token_expired(self) -> bool:
@@ -140,12 +198,13 @@ class InteractionOps(MessageOps[Sent]):
         if not self.token_expired:
             try:
                 if not self.original_used:
-                    await self._with_token(lambda: self.interaction.edit_original_response(
-                        content=content, allowed_mentions=NO_PINGS))
+                    original = await self._with_token(lambda: self.interaction.edit_original_response(
+                        content=content, allowed_mentions=NO_PINGS, view=view_for(rendered)))
                     self.original_used = True
+                    self.original_id = original.id
                     return Sent("original", via_token=True)
                 msg = await self._with_token(lambda: self.interaction.followup.send(
-                    content, wait=True, ephemeral=self.ephemeral, allowed_mentions=NO_PINGS))
+                    content, wait=True, ephemeral=self.ephemeral, allowed_mentions=NO_PINGS, **with_view(rendered)))
                 return Sent(msg, via_token=True)
             except MessageGone:
                 if not self.token_dead:
@@ -155,7 +214,8 @@ class InteractionOps(MessageOps[Sent]):
         channel = self.interaction.channel
         if channel is None or not hasattr(channel, "send"):
             raise Fatal("interaction token expired and the channel is unknown")
-        msg = await call_discord(lambda: channel.send(content, allowed_mentions=NO_PINGS))  # type: ignore[union-attr]
+        msg = await call_discord(lambda: channel.send(content, allowed_mentions=NO_PINGS,  # type: ignore[union-attr]
+                                                      **with_view(rendered)))
         return Sent(msg, via_token=False)
 
     async def edit(self, handle: Sent, rendered: Hashable) -> None:
@@ -165,8 +225,13 @@ class InteractionOps(MessageOps[Sent]):
                 raise MessageGone("interaction token expired")
             if handle.message == "original":
                 await self._with_token(lambda: self.interaction.edit_original_response(
-                    content=content, allowed_mentions=NO_PINGS))
+                    content=content, allowed_mentions=NO_PINGS, view=view_for(rendered)))
             else:
-                await self._with_token(lambda: handle.message.edit(content=content, allowed_mentions=NO_PINGS))
+                await self._with_token(lambda: handle.message.edit(content=content, allowed_mentions=NO_PINGS,
+                                                                   view=view_for(rendered)))
             return
-        await call_discord(lambda: handle.message.edit(content=content, allowed_mentions=NO_PINGS))
+        await call_discord(lambda: handle.message.edit(content=content, allowed_mentions=NO_PINGS,
+                                                       view=view_for(rendered)))
+
+    async def strip_buttons(self, message_id: Hashable) -> None:
+        await strip_buttons_in(self.interaction.channel, message_id)

@@ -12,12 +12,13 @@ from telegram.constants import ChatType, MessageEntityType
 from telegram.error import InvalidToken, NetworkError, TelegramError
 from telegram.ext import AIORateLimiter, Application, CallbackQueryHandler, ContextTypes, MessageHandler, filters
 
-from bot.adapters.delivery import handle_reply, started
+from bot.adapters.delivery import TEXT_ONLY, handle_reply, started
+from bot.adapters.regenerate import BUTTON_ID, BUTTON_LABEL, RETRY_COMMAND, STALE, WRITING_AGAIN, LatestReplies, strip
 from bot.adapters.streaming import Pacer
 from bot.adapters.telegram.sink import TelegramOps, TelegramSink, Typing
 from bot.core.access import AccessPolicy, Verdict, wants_chat_admin_fact
 from bot.core.messages import IncomingMessage
-from bot.core.service import parse_command
+from bot.core.service import COMMANDS, parse_command
 from bot.errors import BotError
 
 if TYPE_CHECKING:
@@ -33,15 +34,11 @@ SOMETHING_WRONG = "Sorry, something went wrong on my side. Please try again."
 REFUSAL_COOLDOWN_S = 3600.0  # a refused user hears "not allowed" at most once per this long
 CHAT_ADMIN_STATUSES = ("creator", "administrator")  # getChatMember statuses that administer a group
 MODEL_BUTTON_PREFIX = "model:"
-UNSUPPORTED = ("I can only read text messages. Please type your question "
-               "(stickers, photos, voice and files are not supported).")
-COMMAND_HELP = {
-    "start": "say hello and show what I can do",
-    "help": "list the commands",
-    "reset": "forget this chat's history",
-    "model": "list models, or /model NAME to switch",
-    "stop": "stop your running or queued reply",
-}
+PERSONA_BUTTON_PREFIX = "persona:"
+# A pressed button is the command it stands for, with what the button names as its argument.
+BUTTON_COMMANDS = {MODEL_BUTTON_PREFIX: "model", PERSONA_BUTTON_PREFIX: "persona"}
+BUTTON_ANSWERS = {"model": "Switching to {}…", "persona": "Choosing {}…"}
+REGENERATE_KEYBOARD = InlineKeyboardMarkup([[InlineKeyboardButton(BUTTON_LABEL, callback_data=BUTTON_ID)]])
 
 
 def _quiet_retry_after(record: logging.LogRecord) -> bool:
@@ -69,6 +66,7 @@ class TelegramAdapter:
         self._pacers: dict[int, Pacer] = {}
         self._refused: dict[str, float] = {}
         self._inflight: set[asyncio.Task[object]] = set()
+        self._latest = LatestReplies()  # the messages of each chat's latest reply (its Regenerate button)
         self.app: Application = (  # type: ignore[type-arg]
             Application.builder()
             .token(settings.telegram_bot_token.get_secret_value())
@@ -79,8 +77,11 @@ class TelegramAdapter:
             .get_updates_read_timeout(poll_timeout + 10)
             .build()
         )
-        self.app.add_handler(MessageHandler(filters.UpdateType.MESSAGE, self._on_message))
-        self.app.add_handler(CallbackQueryHandler(self._on_button, pattern=f"^{MODEL_BUTTON_PREFIX}"))
+        self.app.add_handler(MessageHandler(filters.UpdateType.MESSAGE | filters.UpdateType.EDITED_MESSAGE,
+                                            self._on_message))
+        self.app.add_handler(CallbackQueryHandler(
+            self._on_button, pattern="^(" + "|".join(BUTTON_COMMANDS) + ")"))
+        self.app.add_handler(CallbackQueryHandler(self._on_regenerate, pattern=f"^{BUTTON_ID}$"))
         self.app.add_error_handler(self._on_error)
         limiter_log = logging.getLogger("telegram.ext.AIORateLimiter")
         if _quiet_retry_after not in limiter_log.filters:
@@ -97,12 +98,12 @@ class TelegramAdapter:
                            f"{type(exc).__name__}") from None
         self.username = self.app.bot.username or ""
         self.bot_id = self.app.bot.id
-        await self.app.bot.set_my_commands([BotCommand(name, what) for name, what in COMMAND_HELP.items()])
+        await self.app.bot.set_my_commands([BotCommand(name, what) for name, what in COMMANDS.items()])
         await self.app.start()
         assert self.app.updater is not None
         await self.app.updater.start_polling(
             timeout=int(self.poll_timeout) or 1, poll_interval=0.0, drop_pending_updates=False,
-            allowed_updates=[Update.MESSAGE, Update.CALLBACK_QUERY], error_callback=self._on_poll_error)
+            allowed_updates=[Update.MESSAGE, Update.EDITED_MESSAGE, Update.CALLBACK_QUERY], error_callback=self._on_poll_error)
         log.info("telegram: polling as @%s", self.username)
 
     @property
@@ -204,7 +205,7 @@ class TelegramAdapter:
         ops = TelegramOps(self.app.bot, chat.id, thread, reply_to, keyboard)
         return TelegramSink(ops, self._pacer(chat.id, chat.type),
                             Typing(self.app.bot, chat.id, thread) if typing else None,
-                            give_up_s=self.settings.delivery_retry_s)
+                            give_up_s=self.settings.delivery_retry_s, reply_buttons=REGENERATE_KEYBOARD)
 
     def _model_keyboard(self) -> InlineKeyboardMarkup:
         current = self.service.current_model
@@ -213,6 +214,10 @@ class TelegramAdapter:
                                                            + (" (not ready)" if name in not_ready else ""),
                                                            callback_data=f"{MODEL_BUTTON_PREFIX}{name}")]
                                      for name in self.service.model_names()])
+
+    def _persona_keyboard(self) -> InlineKeyboardMarkup:
+        return InlineKeyboardMarkup([[InlineKeyboardButton(name, callback_data=f"{PERSONA_BUTTON_PREFIX}{name}")]
+                                     for name in self.service.personas])
 
     def _refuse_now(self, user_id: str) -> bool:
         last = self._refused.get(user_id)
@@ -224,14 +229,19 @@ class TelegramAdapter:
 
     # --- handlers ---
     async def _on_message(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
-        message = update.message
+        """A new message, or (`edited_message`) a person's edit of one: the service decides what follows."""
+        edited = update.message is None
+        message = update.message or update.edited_message
         if message is None or message.from_user is None or message.from_user.is_bot:
             return
         task = asyncio.current_task()
         if task is not None:
             self._inflight.add(task)  # type: ignore[arg-type]
         try:
-            await self._answer(message)
+            if edited:
+                await self._edited(message)
+            else:
+                await self._answer(message)
         finally:
             if task is not None:
                 self._inflight.discard(task)  # type: ignore[arg-type]
@@ -251,7 +261,7 @@ class TelegramAdapter:
             return
         if message.text is None:
             sink = self._sink(message)
-            await sink.notice(UNSUPPORTED)
+            await sink.notice(TEXT_ONLY)
             await sink.close()
             return
         text = self._prompt_text(message)
@@ -262,33 +272,79 @@ class TelegramAdapter:
             keyboard = self._model_keyboard()
         chat_admin = (command is not None and wants_chat_admin_fact(command[0])
                       and await self._is_chat_admin(message, user.id))
+        if command == ("persona", "") and (private or chat_admin or access.admin):  # for those who may choose
+            keyboard = self._persona_keyboard()
         incoming = IncomingMessage("telegram", self._chat_key(message), str(user.id), user.full_name, text,
                                    is_allowed=True, is_admin=access.admin, is_group=not private,
-                                   is_chat_admin=chat_admin)
+                                   is_chat_admin=chat_admin, message_id=str(message.message_id))
         await self._run(message, incoming, self._sink(message, keyboard=keyboard, typing=not is_command))
+
+    async def _edited(self, message: Message) -> None:
+        """An edit: if the latest reply answered it, that reply is rewritten in place (else nothing shows)."""
+        user = message.from_user
+        assert user is not None
+        access = self._access(user.id, message)
+        if message.text is None or not self._addressed(message) or not access.allowed:
+            return
+        key = self._chat_key(message)
+        incoming = IncomingMessage("telegram", key, str(user.id), user.full_name, self._prompt_text(message),
+                                   is_admin=access.admin, is_group=message.chat.type != ChatType.PRIVATE,
+                                   message_id=str(message.message_id), edited=True)
+        sink = self._sink(message)  # no "typing": most edits change only the stored text
+        sink.replace_messages(self._latest.messages(key) or [])  # type: ignore[arg-type]
+        await self._run(message, incoming, sink)
 
     async def _run(self, message: Message, incoming: IncomingMessage, sink: TelegramSink) -> None:
         if sink.typing:
             sink.typing.start()
         await handle_reply(self.service, incoming, sink, log=log, label="telegram", something_wrong=SOMETHING_WRONG,
                            ready=self.service_ready)
+        await self._latest.delivered(self._chat_key(message), sink)
 
     async def _on_button(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+        """A model or persona button: the same as typing its command, judged for whoever pressed it."""
         query = update.callback_query
         if query is None or query.data is None or not isinstance(query.message, Message):
             return
         message = query.message
         user = query.from_user
         access = self._access(user.id, message)
-        name = query.data.removeprefix(MODEL_BUTTON_PREFIX)
+        prefix = next(p for p in BUTTON_COMMANDS if query.data.startswith(p))
+        command, name = BUTTON_COMMANDS[prefix], query.data.removeprefix(prefix)
         if not access.allowed:
             await query.answer("Sorry, you are not allowed to use this bot.")
             return
-        await query.answer(f"Switching to {name}…")
+        await query.answer(BUTTON_ANSWERS[command].format(name))
+        chat_admin = wants_chat_admin_fact(command) and await self._is_chat_admin(message, user.id)
         incoming = IncomingMessage("telegram", self._chat_key(message), str(user.id), user.full_name,
-                                   f"/model {name}", is_allowed=True, is_admin=access.admin,
-                                   is_group=message.chat.type != ChatType.PRIVATE)
+                                   f"/{command} {name}", is_allowed=True, is_admin=access.admin,
+                                   is_group=message.chat.type != ChatType.PRIVATE, is_chat_admin=chat_admin)
         await self._run(message, incoming, self._sink(message))
+
+    async def _on_regenerate(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+        """The Regenerate button: `/retry`, shown in place of the reply it is under."""
+        query = update.callback_query
+        if query is None or not isinstance(query.message, Message):
+            return
+        message = query.message
+        user = query.from_user
+        access = self._access(user.id, message)
+        if not access.allowed:
+            await query.answer("Sorry, you are not allowed to use this bot.")
+            return
+        key = self._chat_key(message)
+        if self._latest.is_stale(key, message.message_id):
+            await query.answer(STALE)
+            sink = self._sink(message)
+            await strip(sink, message.message_id)
+            await sink.close()
+            return
+        await query.answer(WRITING_AGAIN)
+        sink = self._sink(message, typing=True)
+        sink.replace_messages(self._latest.messages(key) or [message.message_id])  # type: ignore[arg-type]
+        incoming = IncomingMessage("telegram", key, str(user.id), user.full_name, RETRY_COMMAND, is_allowed=True,
+                                   is_admin=access.admin, is_group=message.chat.type != ChatType.PRIVATE)
+        await self._run(message, incoming, sink)
 
     async def _on_error(self, update: object, context: ContextTypes.DEFAULT_TYPE) -> None:
         log.error("telegram: unhandled error: %s", context.error)

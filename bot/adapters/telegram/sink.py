@@ -6,7 +6,7 @@ import asyncio
 import datetime as dtm
 import logging
 from collections.abc import Hashable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from telegram import Bot, InlineKeyboardMarkup, ReplyParameters
 from telegram.constants import ChatAction, ParseMode
@@ -42,6 +42,7 @@ class Rendered:
     text: str
     parse_mode: str | None
     source: str
+    keyboard: InlineKeyboardMarkup | None = None  # the reply's Regenerate button, on its last message
 
 
 def translate(exc: TelegramError) -> Exception:
@@ -111,7 +112,7 @@ class TelegramOps(MessageOps[int]):
         async def go(r: Rendered) -> int:
             msg = await self._call(lambda: self.bot.send_message(
                 self.chat_id, r.text, parse_mode=r.parse_mode, message_thread_id=self.thread_id,
-                reply_parameters=reply, reply_markup=keyboard))
+                reply_parameters=reply, reply_markup=r.keyboard or keyboard))
             return msg.message_id  # type: ignore[attr-defined]
 
         return await self._with_plain_fallback(go, rendered)
@@ -121,12 +122,20 @@ class TelegramOps(MessageOps[int]):
 
         async def go(r: Rendered) -> None:
             await self._call(lambda: self.bot.edit_message_text(
-                r.text, chat_id=self.chat_id, message_id=handle, parse_mode=r.parse_mode))
+                r.text, chat_id=self.chat_id, message_id=handle, parse_mode=r.parse_mode, reply_markup=r.keyboard))
 
         await self._with_plain_fallback(go, rendered)
 
     async def delete(self, handle: int) -> None:
         await self._call(lambda: self.bot.delete_message(self.chat_id, handle))
+
+    def with_buttons(self, rendered: Hashable, buttons: Hashable) -> Hashable:
+        assert isinstance(rendered, Rendered) and isinstance(buttons, InlineKeyboardMarkup)
+        return replace(rendered, keyboard=buttons)
+
+    async def strip_buttons(self, message_id: Hashable) -> None:
+        await self._call(lambda: self.bot.edit_message_reply_markup(self.chat_id, int(message_id),  # type: ignore[call-overload]
+                                                                    reply_markup=None))
 
     @staticmethod
     async def _with_plain_fallback(go: object, rendered: Rendered) -> object:
@@ -135,7 +144,7 @@ class TelegramOps(MessageOps[int]):
         except BadRequest as exc:
             if rendered.parse_mode and any(w in str(exc).lower() for w in PLAIN_RETRY_ERRORS):
                 log.info("formatted text refused (%s); sending plain text", exc)
-                return await go(Rendered(rendered.source, None, rendered.source))  # type: ignore[operator]
+                return await go(replace(rendered, text=rendered.source, parse_mode=None))  # type: ignore[operator]
             raise
 
 
@@ -178,14 +187,16 @@ class TelegramSink(StreamingSink):
     stream: StreamingMessage[int]
 
     def __init__(self, ops: TelegramOps, pacer: Pacer, typing: Typing | None = None, *,
-                 give_up_s: float = DEFAULT_GIVE_UP_S) -> None:
-        super().__init__(StreamingMessage(ops, pacer, give_up_s))
+                 give_up_s: float = DEFAULT_GIVE_UP_S, reply_buttons: InlineKeyboardMarkup | None = None) -> None:
+        super().__init__(StreamingMessage(ops, pacer, give_up_s), reply_buttons)
         self.typing = typing
 
     async def queued(self, position: int, eta_s: float | None) -> None:
+        self._take_over()
         self.stream.set_status(queue_status(position, eta_s))
 
     async def started(self) -> None:
+        self._take_over()
         self.stream.set_status(PLACEHOLDER)
 
     def error_text(self, message: str) -> str:

@@ -1,0 +1,111 @@
+"""`/stats`: what a chat has used (from the database) and, for admins, the bot since it started.
+
+The bot's totals live in memory only: they describe this process (replies by status, how long
+requests waited in the queue, generation speed), and start again at zero after a restart.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import Counter, deque
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+from bot.core.messages import MessageStatus
+
+WAIT_SAMPLES = 10_000  # newest queue waits kept for the percentiles
+
+
+@dataclass(frozen=True)
+class ChatUsage:
+    """One chat's stored history, summed: the rows say it all, so it survives restarts."""
+
+    user_messages: int
+    replies: int
+    tokens_in: int  # of the people's messages, by the model's tokenizer when they were answered
+    tokens_out: int  # of the bot's replies
+    generation_s: float  # time spent writing the complete replies
+    tokens_out_complete: int = 0  # of those complete replies (the speed's numerator)
+
+    @property
+    def tokens_per_s(self) -> float | None:
+        return self.tokens_out_complete / self.generation_s if self.generation_s > 0 else None
+
+
+def percentile(values: Sequence[float], share: float) -> float | None:
+    """Nearest-rank percentile (`share` in 0..1) of `values`; None when there are none."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(share * len(ordered)) - 1)]
+
+
+@dataclass
+class BotStats:
+    """This process's totals, fed by the service as replies start and end."""
+
+    started: float = field(default_factory=time.monotonic)
+    by_status: Counter[str] = field(default_factory=Counter)
+    waits: deque[float] = field(default_factory=lambda: deque(maxlen=WAIT_SAMPLES))
+    tokens_in: int = 0  # prompt tokens the engine read
+    tokens_out: int = 0
+    generation_s: float = 0.0  # of the replies that produced tokens
+
+    def waited(self, seconds: float) -> None:
+        self.waits.append(max(0.0, seconds))
+
+    def finished(self, status: MessageStatus, prompt_tokens: int, completion_tokens: int, seconds: float) -> None:
+        self.by_status[status.value] += 1
+        self.tokens_in += prompt_tokens
+        if completion_tokens and seconds > 0:
+            self.tokens_out += completion_tokens
+            self.generation_s += seconds
+
+
+def _speed(tokens_per_s: float | None) -> str:
+    return f"{tokens_per_s:.1f} tokens/s" if tokens_per_s else "not measured yet"
+
+
+def chat_text(usage: ChatUsage) -> str:
+    return ("This chat:\n"
+            f"  messages: {usage.user_messages} from people, {usage.replies} replies\n"
+            f"  tokens: {usage.tokens_in} in, {usage.tokens_out} out\n"
+            f"  average speed: {_speed(usage.tokens_per_s)}")
+
+
+def bot_text(stats: BotStats, model: str) -> str:
+    uptime = time.monotonic() - stats.started
+    statuses = ", ".join(f"{n} {s}" for s, n in sorted(stats.by_status.items())) or "none yet"
+    p50, p95 = percentile(stats.waits, 0.5), percentile(stats.waits, 0.95)
+    waits = f"p50 {p50:.1f} s, p95 {p95:.1f} s" if p50 is not None and p95 is not None else "no requests yet"
+    speed = stats.tokens_out / stats.generation_s if stats.generation_s else None
+    return (f"The bot since it started {_duration(uptime)} ago:\n"
+            f"  replies: {statuses}\n"
+            f"  queue wait: {waits}\n"
+            f"  tokens: {stats.tokens_in} in, {stats.tokens_out} out; speed {_speed(speed)}\n"
+            f"  model: {model or 'none loaded'}")
+
+
+def _duration(seconds: float) -> str:
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes} min" if hours else f"{minutes} min {secs} s" if minutes else f"{secs} s"
+
+
+def usage_of(rows: Iterable[tuple[str, str, int | None, float | None]]) -> ChatUsage:
+    """(role, status, token_count, seconds the row took to write) per stored message -> the chat's sums."""
+    users = replies = tokens_in = tokens_out = complete_out = 0
+    seconds = 0.0
+    for role, status, tokens, took in rows:
+        if role == "user":
+            users += 1
+            tokens_in += tokens or 0
+            continue
+        tokens_out += tokens or 0
+        if status == MessageStatus.COMPLETE.value:
+            replies += 1
+            if tokens and took and took > 0:
+                complete_out += tokens
+                seconds += took
+    return ChatUsage(users, replies, tokens_in, tokens_out, seconds, complete_out)
