@@ -28,3 +28,12 @@ def prepared_models() -> Path:
     models_dir = shared_models_dir()
     prepare(models_dir)
     return models_dir
+
+
+def on_the_subject(reply: str) -> bool:
+    """What every honest build's answer to "What is the capital of France?" guarantees: it is about France.
+
+    "Paris" itself is a near-tie for a 135M model: the unquantized reference answers it on three of five
+    phrasings, and one AWQ build says it decoding eagerly but "L'Capital de France est ..." compiled.
+    """
+    return "Paris" in reply or "France" in reply

@@ -12,7 +12,7 @@ from bot.config import ModelProfile, Settings
 from bot.engines import CancelToken, ChatMessage, EngineError, GenerationParams, StreamStats, create_engine
 from bot.engines.transformers_engine import IncrementalDecoder, TransformersEngine
 from bot.models.prepare import prepare
-from tests.models_fixture import shared_models_dir
+from tests.models_fixture import on_the_subject, shared_models_dir
 
 SHARED_BUILDS = shared_models_dir()
 GREEDY = GenerationParams(max_new_tokens=64, temperature=0.0, repetition_penalty=1.1)
@@ -42,9 +42,7 @@ def test_answers_a_simple_question(engine: TransformersEngine) -> None:
     stats = StreamStats()
     budget = GenerationParams(max_new_tokens=160, temperature=0.0, repetition_penalty=1.1)
     reply = "".join(engine.stream_chat(FRANCE, budget, CancelToken(), stats))
-    # On the subject, not a word: a 135M model's pick is a near-tie here. The same honest AWQ build answers
-    # "Paris" decoding eagerly and "L'Capital de France est ..." compiled (other float rounding); GPTQ says Paris.
-    assert "Paris" in reply or "France" in reply, reply
+    assert on_the_subject(reply), reply
     # The repetition penalty spares the template's <|im_end|>, so the model can end its turn. Builds made on
     # different machines differ in rounding; the ones seen end within 7-31 tokens, so the budget has ample margin.
     assert stats.finish_reason == "stop" and stats.completion_tokens < budget.max_new_tokens
@@ -98,7 +96,7 @@ def test_cancel_stops_the_reply_early(engine: TransformersEngine) -> None:
     assert len(received) == 3
     assert stats.finish_reason == "cancelled" and stats.completion_tokens < 10
     # the engine is free for the next reply right away
-    assert "Paris" in engine.chat(FRANCE, GREEDY)
+    assert on_the_subject(engine.chat(FRANCE, GREEDY))
 
 
 @pytest.mark.slow
@@ -150,7 +148,7 @@ def test_a_failing_compiler_falls_back_to_eager_decoding(monkeypatch: pytest.Mon
     try:
         assert eng.loaded and not eng.compiled
         assert eng.model.config._attn_implementation == "sdpa"  # the compile-only attention is undone too
-        assert "Paris" in eng.chat(FRANCE, GREEDY)
+        assert on_the_subject(eng.chat(FRANCE, GREEDY))
     finally:
         eng.unload()
 
