@@ -139,12 +139,15 @@ async def test_telegram_regenerate_button_rewrites_the_reply_in_place(make_toy_s
 
 
 async def test_telegram_regenerate_while_busy_leaves_the_reply_readable(make_toy_service: MakeService) -> None:
-    async with running_bot(make_toy_service, script=numbered(), delay_s=0.2) as (fake, service):
+    # 0.6 s a word: the second reply (13 words) is still running when the press arrives through polling
+    async with running_bot(make_toy_service, script=numbered(), delay_s=0.6) as (fake, service):
         await fake.user_says("hello")
         await wait_text(fake, ALICE, "answer 1 to hello", timeout=20)
         reply = bot_message(fake, ALICE, "answer 1 to hello")
         await fake.user_says("a longer question with quite a few words in it")
-        await _until(lambda: [1] if service.queue.is_running(f"telegram:{ALICE}") else [])
+        # the second question is generating (its prompt reached the engine), not merely the first one storing
+        await _until(lambda: [1] if len(prompts(service)) == 2 and service.queue.is_running(f"telegram:{ALICE}")
+                     else [])
         await fake.press_button(reply.message_id, "retry", chat=fake.private_chat(ALICE))
         try:
             await _until(lambda: [m for m in fake.bot_messages(ALICE) if "still working on a reply" in m.text], 20)

@@ -547,13 +547,18 @@ class FakeTelegram:
         self.messages[(chat["id"], mid)] = m
         return self._message_json(m)
 
-    async def _m_editmessagetext(self, params: dict[str, Any]) -> Any:
+    def _editable(self, params: dict[str, Any]) -> tuple[dict[str, Any], Any]:
+        """The chat and the bot's own message an edit names, or the Bot API's 400 for it."""
         chat = self._chat(params.get("chat_id"))
         m = self.messages.get((chat["id"], int(params.get("message_id") or 0)))
         if m is None or m.deleted:
             raise bad_request("message to edit not found")
         if not m.from_bot:
             raise bad_request("message can't be edited")
+        return chat, m
+
+    async def _m_editmessagetext(self, params: dict[str, Any]) -> Any:
+        chat, m = self._editable(params)
         text, entities = self._text(params)
         markup = params.get("reply_markup")
         if text == m.text and entities == m.entities and markup == m.reply_markup:
@@ -566,12 +571,7 @@ class FakeTelegram:
 
     async def _m_editmessagereplymarkup(self, params: dict[str, Any]) -> Any:
         """Only the inline keyboard changes; no reply_markup removes it. Same errors as editMessageText."""
-        chat = self._chat(params.get("chat_id"))
-        m = self.messages.get((chat["id"], int(params.get("message_id") or 0)))
-        if m is None or m.deleted:
-            raise bad_request("message to edit not found")
-        if not m.from_bot:
-            raise bad_request("message can't be edited")
+        chat, m = self._editable(params)
         markup = params.get("reply_markup") or None
         if markup == m.reply_markup:
             raise ApiError(400, NOT_MODIFIED)
