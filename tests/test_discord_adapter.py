@@ -128,8 +128,10 @@ def discord_world(make_toy_service: Callable[..., AbstractAsyncContextManager[Ch
 
 
 def growing(edits: list[str]) -> bool:
-    """Each edit extends the one before it."""
-    return all(b.startswith(a) and len(b) > len(a) for a, b in zip(edits, edits[1:]))
+    """Each edit extends the one before it (an edit that repeats the text changes only the buttons: the final
+    one adds Regenerate, a newer reply takes it away)."""
+    distinct = [e for i, e in enumerate(edits) if i == 0 or e != edits[i - 1]]
+    return all(b.startswith(a) and len(b) > len(a) for a, b in zip(distinct, distinct[1:]))
 
 
 def words_script(n: int) -> Callable[[list[ChatMessage]], str]:
