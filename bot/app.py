@@ -8,7 +8,7 @@ import logging
 import signal
 from typing import Protocol
 
-from bot.adapters.terminal import announce_loading, chat_loop
+from bot.adapters.terminal import announce_loading, chat_loop, one_person
 from bot.config import Settings
 from bot.core.service import ChatService
 from bot.metrics import MetricsServer, start_metrics
@@ -49,6 +49,8 @@ async def run(settings: Settings, stop: asyncio.Event | None = None, service: Ch
     messages sent while the bot is offline). Returns the exit code: 1 when an adapter lost its
     platform for good.
     """
+    if not (settings.telegram_bot_token or settings.discord_bot_token):
+        settings = one_person(settings)  # the terminal chat
     announce_loading(settings)
     service = service or ChatService(settings)
     service_ready = asyncio.Event()

@@ -130,6 +130,8 @@ class Settings(BaseSettings):
     torch_threads: int | None = None  # torch and llama.cpp threads; unset: torch picks, llama.cpp every core (<= 8)
     torch_compile: Literal["auto", "on", "off"] = "auto"  # compile the Transformers decode step; auto = on CPU
     max_context: int = 8192  # caps every model's context (KV cache) whatever the model or profile declares
+    # replies a local Transformers model decodes at once (continuous batching); the terminal chat uses 1
+    max_batch: int = Field(8, ge=1, le=64)
     # QUANTBOT_CPU_KERNELS=off: torch's int4 kernel and the 16-bit head instead of ours (a fallback, comparisons)
     cpu_kernels: Literal["on", "off"] = Field(
         "on", validation_alias=AliasChoices("quantbot_cpu_kernels", "cpu_kernels"))

@@ -104,7 +104,14 @@ def announce_loading(settings: Settings, out: TextIO = sys.stderr) -> None:
     print(f"loading {settings.default_model} (on a small CPU this takes about a minute)...", file=out, flush=True)
 
 
+def one_person(settings: Settings) -> Settings:
+    """The terminal has one person typing: a batch of one, which also skips compiling the batched decode step at
+    start-up (a minute on a small CPU, before the first answer)."""
+    return settings.model_copy(update={"max_batch": 1})
+
+
 async def run_terminal(settings: Settings) -> None:
+    settings = one_person(settings)
     announce_loading(settings)
     async with ChatService(settings) as service:
         await chat_loop(service)

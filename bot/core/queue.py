@@ -36,6 +36,7 @@ ETA_SMOOTHING = 0.3  # weight of the newest reply in the moving averages behind 
 CLOSE_GRACE_S = 10.0  # how long shutdown lets a running reply finish before cancelling it
 STORE_TIMEOUT_S = 60.0  # longest a reply's slot waits for the database to store it
 PARTIAL_SAVE_S = 3.0  # a streaming reply's text so far is stored this often (what `kill -9` can lose)
+MAX_ENGINE_BATCH = 64  # the most replies one engine may run at once (MAX_BATCH's upper bound)
 WORKER_RESTART_S = 1.0  # pause before restarting a crashed worker (a crash loop must not spin)
 RELOAD_RETRY_S = 30.0  # first wait before trying again to load a model when none loads
 RELOAD_RETRY_MAX_S = 600.0  # the wait doubles up to this
@@ -171,7 +172,10 @@ class GenerationQueue:
         self._wake = asyncio.Event()
         self._worker: asyncio.Task[None] | None = None
         self._switching: SwitchJob | None = None  # the switch the worker is doing (settled if it crashes)
-        self._executor = ThreadPoolExecutor(max_workers=self._concurrency_limit + 1, thread_name_prefix="engine")
+        # Threads are made as needed: each running reply waits on one (a batching engine's torch work runs on its
+        # own engine thread), plus one for loads.
+        self._executor = ThreadPoolExecutor(max_workers=max(self._concurrency_limit, MAX_ENGINE_BATCH) + 1,
+                                            thread_name_prefix="reply")
         self._closed = False
         self._close_done: asyncio.Future[None] | None = None
         self._retry_s = RELOAD_RETRY_S
@@ -231,8 +235,10 @@ class GenerationQueue:
     # --- requests ----------------------------------------------------------------------------
     @property
     def concurrency(self) -> int:
-        engine_parallel = getattr(self.engine, "supports_concurrency", False)
-        return self._concurrency_limit if engine_parallel else 1
+        """Replies that run at once: a remote server's REMOTE_CONCURRENCY, a batching engine's batch, else 1."""
+        if getattr(self.engine, "supports_concurrency", False):
+            return self._concurrency_limit
+        return max(1, int(getattr(self.engine, "max_concurrent", 1)))
 
     def has_waiting(self, chat_key: str) -> bool:
         return any(isinstance(j, Job) and j.chat_key == chat_key for j in self._waiting)

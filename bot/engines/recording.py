@@ -18,6 +18,10 @@ class RecordingEngine(Engine):
     def supports_concurrency(self) -> bool:  # type: ignore[override]
         return bool(getattr(self.inner, "supports_concurrency", False))
 
+    @property
+    def max_concurrent(self) -> int:
+        return int(getattr(self.inner, "max_concurrent", 1))
+
     def load(self) -> None:
         if not self.inner.loaded:
             self.inner.load()

@@ -5,14 +5,16 @@ from __future__ import annotations
 
 import logging
 import os
-import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from bot.engines import kernel_report, template_guard
+from bot.engines import engine_thread, kernel_report, template_guard
 from bot.engines.base import CancelToken, ChatMessage, Engine, EngineError, GenerationParams, StreamStats
+
+if TYPE_CHECKING:
+    from bot.engines.batching import BatchScheduler
 
 if TYPE_CHECKING:
     from bot.config import ModelProfile, Settings
@@ -25,6 +27,7 @@ DEFAULT_CONTEXT = 8192  # when neither the profile nor the config names one
 # A tiny generation at load time: quantized kernels repack themselves on first use and torch.compile compiles
 # the decode step (~1 min on a 2-core CPU), so the first person to ask does not wait for either.
 WARMUP_TOKENS = 2
+WARMUP_BATCH = ("Hello", "Say hi to everyone in this chat, please")  # two lengths: the padded batched step
 COMPILE_OPTIONS = {"size_asserts": False}  # inductor settings for the compiled decode step
 # Tokens that end an assistant turn in common chat templates (only those the vocabulary has are used).
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<end_of_turn>", "</s>")
@@ -205,7 +208,9 @@ class TransformersEngine(Engine):
         self._context_length = context_length(profile.context_length, None, settings.max_context)
         self._eos_ids: list[int] = []
         self._special_ids: frozenset[int] = frozenset()
-        self._lock = threading.Lock()
+        self.max_batch = settings.max_batch
+        self.thread = engine_thread.shared()  # every torch op of this engine runs there
+        self.scheduler: BatchScheduler | None = None
         self._decode_step: Callable[..., Any] | None = None  # model.forward, compiled or not
         self.compiled = False
         self.compile_error: str | None = None  # why torch.compile failed at warm-up (decoding eagerly since)
@@ -221,9 +226,16 @@ class TransformersEngine(Engine):
             raise EngineError(f"model {self.name!r} has no path configured")
         return path
 
+    @property
+    def max_concurrent(self) -> int:
+        """Replies this engine decodes at once (the queue admits this many)."""
+        return self.max_batch
+
     def load(self) -> None:
-        if self.model is not None:
-            return
+        if self.model is None:
+            self.thread.call(self._load)
+
+    def _load(self) -> None:
         path = self.model_path()
         if not (path / "config.json").is_file():
             raise EngineError(missing_files_message(self.profile, path))
@@ -259,6 +271,7 @@ class TransformersEngine(Engine):
         if model.device.type == "cpu":
             cpu_decode_path(model, native=self.settings.cpu_kernels != "off")
         self._decode_step = self._compile_decode_step()
+        self.scheduler = self._new_scheduler()
         self._warm_up()
         self.kernel_report = self.describe_kernels()
         kernel_report.log_report(self.kernel_report)
@@ -329,6 +342,8 @@ class TransformersEngine(Engine):
                 try:
                     for _ in self.stream_chat(hello, params, CancelToken()):
                         pass
+                    if self.max_batch > 1:  # the batched step is a second graph: compile it now, not mid-chat
+                        self._warm_up_batch(params)
                     return
                 except EngineError as exc:
                     if not self.compiled:
@@ -346,6 +361,25 @@ class TransformersEngine(Engine):
             self.unload()
             raise EngineError(f"model {self.name!r} loaded but could not generate: {type(exc).__name__}: {exc}") \
                 from exc
+
+    def _warm_up_batch(self, params: GenerationParams) -> None:
+        from bot.engines.batching import Request
+
+        assert self.scheduler is not None
+        requests = [Request(self.prompt_ids([ChatMessage("user", text)]), params, WARMUP_TOKENS, CancelToken())
+                    for text in WARMUP_BATCH]
+        self.scheduler.run_together(requests)
+        for request in requests:
+            for _ in request.stream():
+                pass
+
+    def _new_scheduler(self) -> BatchScheduler:
+        from bot.engines.batching import BatchScheduler, kv_budget_tokens
+
+        model = self.model
+        return BatchScheduler(
+            _Forwards(self), self.thread, frozenset(self._eos_ids), self._special_ids, _logits_processors,
+            model.device, self.max_batch, kv_budget_tokens(model.config, model.dtype, model.device))
 
     def _compile_decode_step(self) -> Callable[..., Any]:
         """The one-token forward, compiled when TORCH_COMPILE asks (auto: on CPU, where per-token Python overhead
@@ -376,6 +410,12 @@ class TransformersEngine(Engine):
         return sorted(ids)
 
     def unload(self) -> None:
+        self.thread.call(self._unload)
+
+    def _unload(self) -> None:
+        if self.scheduler is not None:
+            self.scheduler.fail_all(EngineError(f"model {self.name!r} was unloaded"))
+            self.scheduler = None
         compiled = self.compiled
         self.model = self.tokenizer = self._decode_step = None
         self.compiled = False
@@ -421,83 +461,69 @@ class TransformersEngine(Engine):
 
     def stream_chat(self, messages: list[ChatMessage], params: GenerationParams, cancel: CancelToken,
                     stats: StreamStats | None = None) -> Iterator[str]:
+        """Join the engine's batch and turn its tokens into text here, on the caller's thread (no torch work)."""
+        from bot.engines.batching import Request
+
         self._require_loaded()
+        scheduler = self.scheduler
+        assert scheduler is not None
         stats = stats if stats is not None else StreamStats()
         ids = self.prompt_ids(messages)
         stats.prompt_tokens = len(ids)
-        max_new = self.reply_budget(len(ids), params)
+        request = Request(ids, params, self.reply_budget(len(ids), params), cancel)
         decoder = IncrementalDecoder(self.tokenizer)
         start = time.perf_counter()
-        finish = "length"
-        with self._lock:
-            try:
-                for token in self._token_ids(ids, params, max_new):
-                    if token in self._eos_ids:
-                        finish = "stop"
-                        break
-                    stats.completion_tokens += 1
-                    if stats.first_token_s is None:
-                        stats.first_token_s = time.perf_counter() - start
-                    delta = decoder.push(token)
-                    if delta:
-                        yield delta
-                    if cancel.cancelled:
-                        finish = "cancelled"
-                        break
-                if cancel.cancelled:
-                    finish = "cancelled"
-                tail = decoder.flush()
-                if tail and finish != "cancelled":
-                    yield tail
-            except EngineError:
-                raise
-            except Exception as exc:  # noqa: BLE001 - out of memory, kernel errors: the reply fails, the bot goes on
-                log.error("generation with %s failed: %r", self.name, exc)
-                raise EngineError(f"model {self.name!r} failed while writing the reply: {type(exc).__name__}") from exc
-            finally:
-                stats.total_s = time.perf_counter() - start
-                stats.finish_reason = finish
-                if stats.total_s > 0 and stats.completion_tokens:
-                    decode_s = stats.total_s - (stats.first_token_s or 0.0)
-                    stats.extra["tokens_per_s"] = (stats.completion_tokens - 1) / decode_s if decode_s > 0 else 0.0
+        scheduler.submit(request)
+        try:
+            for token in request.stream():
+                stats.completion_tokens += 1
+                if stats.first_token_s is None:
+                    stats.first_token_s = time.perf_counter() - start
+                delta = decoder.push(token)
+                if delta:
+                    yield delta
+            tail = decoder.flush()
+            if tail and request.finish != "cancelled":
+                yield tail
+        except GeneratorExit:
+            cancel.cancel()  # the caller stopped reading: the row leaves the batch at the next step
+            raise
+        except EngineError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - out of memory, kernel errors: the reply fails, the bot goes on
+            log.error("generation with %s failed: %r", self.name, exc)
+            raise EngineError(f"model {self.name!r} failed while writing the reply: {type(exc).__name__}") from exc
+        finally:
+            stats.total_s = time.perf_counter() - start
+            stats.finish_reason = request.finish or ("cancelled" if cancel.cancelled else "error")
+            if stats.total_s > 0 and stats.completion_tokens:
+                decode_s = stats.total_s - (stats.first_token_s or 0.0)
+                stats.extra["tokens_per_s"] = (stats.completion_tokens - 1) / decode_s if decode_s > 0 else 0.0
 
-    # --- decoding ---
 
-    def _token_ids(self, ids: list[int], params: GenerationParams, max_new: int) -> Iterator[int]:
-        """Prefill the prompt, then pick and feed back one token at a time (the caller stops early at will)."""
+class _Forwards:
+    """The engine's model as :class:`bot.engines.batching.BatchModel`: prompts eager, one-token steps through the
+    (compiled) decode step."""
+
+    def __init__(self, engine: TransformersEngine) -> None:
+        self.engine = engine
+
+    def prefill(self, ids: list[int]) -> tuple[Any, Any]:
         import torch
         from transformers import DynamicCache
 
-        device = self.model.device
-        processors = _logits_processors(params)
-        generator = None
-        if params.seed is not None and not params.greedy:
-            generator = torch.Generator(device=device).manual_seed(params.seed)
-        # What the repetition penalty looks at: the text so far without the chat template's special tokens,
-        # which every prompt repeats; penalizing <|im_end|> would keep the model from ending its turn.
-        special = self._special_ids
-        seen = torch.tensor([[t for t in ids if t not in special]], device=device, dtype=torch.long)
-        cache = DynamicCache(config=self.model.config)
-        position = len(ids)
-        with torch.inference_mode():
-            logits = self.model(input_ids=torch.tensor([ids], device=device), cache=cache, use_cache=True,
-                                logits_to_keep=1).logits
-            for step in range(max_new):
-                scores = processors(seen, logits[:, -1, :].float())
-                if params.greedy:
-                    token = scores.argmax(dim=-1, keepdim=True)
-                else:
-                    token = torch.multinomial(torch.softmax(scores, dim=-1), 1, generator=generator)
-                token_id = int(token.item())
-                yield token_id
-                if step + 1 == max_new:
-                    return
-                if token_id not in special:
-                    seen = torch.cat([seen, token], dim=1)
-                logits = self._decode_step(input_ids=token, cache=cache,
-                                           cache_position=torch.tensor([position], device=device),
-                                           use_cache=True, logits_to_keep=1).logits
-                position += 1
+        model = self.engine.model
+        cache = DynamicCache(config=model.config)
+        logits = model(input_ids=torch.tensor([ids], device=model.device), cache=cache, use_cache=True,
+                       logits_to_keep=1).logits
+        return logits[:, -1, :], cache
+
+    def decode(self, tokens: Any, positions: Any, mask: Any, cache: Any) -> Any:
+        step = self.engine._decode_step
+        assert step is not None
+        return step(input_ids=tokens, position_ids=positions, attention_mask=mask, cache=cache, use_cache=True,
+                    logits_to_keep=1).logits[:, -1, :]
+
 
 def _logits_processors(params: GenerationParams) -> Any:
     """Transformers' own repetition penalty, temperature and top-p, in the order generate() applies them."""

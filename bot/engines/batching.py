@@ -1,0 +1,358 @@
+"""Continuous batching for a local Transformers model: one decode loop over every active reply.
+
+Decoding is memory-bound: reading the weights once for eight rows costs little more than for one. A reply that
+arrives while others decode is prefilled alone and joins at the next step; a reply that ends leaves at once and
+its slot is reused. The loop runs on the engine thread (:mod:`bot.engines.engine_thread`) as numbered steps:
+
+1. admit   - pending replies join while the batch has a free row and the KV cache budget allows
+2. prefill - each joiner's prompt runs alone (so its first token comes at once); its cache joins the batch's
+3. decode  - one forward for all rows: left-padded cache, a padding mask, each row's own positions
+4. sample  - each row with its own settings: repetition penalty over its own tokens, temperature/top-p, seed
+5. emit    - the new tokens go to each reply's consumer (one host sync for the whole batch)
+6. retire  - rows that hit an end-of-turn token, their budget or /stop leave; padding no row needs is cut
+
+The cache is Transformers' own ``DynamicCache`` with rows of one length: a shorter row is padded on the left and
+masked, so a batched greedy reply equals the same reply decoded alone (up to float rounding of near ties).
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+from torch.nn import functional
+
+from bot.engines.base import CancelToken, GenerationParams
+from bot.engines.engine_thread import EngineThread
+
+log = logging.getLogger(__name__)
+
+# --- tuning constants ---
+DEFAULT_MAX_BATCH = 8
+KV_MEMORY_SHARE = 0.4  # of the memory free after loading, for the KV cache (the padded cache is copied as it grows)
+PREFILL_TOKENS_PER_STEP = 512  # prompt tokens prefilled between two decode steps (running rows wait meanwhile)
+
+
+class BatchModel(Protocol):
+    """The two forwards the scheduler needs from a model."""
+
+    def prefill(self, ids: list[int]) -> tuple[torch.Tensor, Any]:
+        """Logits [1, vocab] of the last prompt token, and a fresh cache holding the prompt."""
+
+    def decode(self, tokens: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None,
+               cache: Any) -> torch.Tensor:
+        """Logits [rows, vocab] for one new token per row ([rows, 1]); `mask` [rows, 1, 1, length + 1] or None."""
+
+
+@dataclass(frozen=True)
+class Finished:
+    reason: str  # "stop", "length", "cancelled"
+
+
+@dataclass(frozen=True)
+class Failed:
+    error: BaseException
+
+
+@dataclass(eq=False)
+class Request:
+    """One reply: its prompt, settings and the channel its tokens go out by (read from any thread)."""
+
+    ids: list[int]
+    params: GenerationParams
+    max_new: int
+    cancel: CancelToken
+    out: queue.SimpleQueue[int | Finished | Failed] = field(default_factory=queue.SimpleQueue)
+    finish: str = ""  # why it ended, once :meth:`stream` is done
+
+    def stream(self) -> Iterator[int]:
+        """Token ids as they are made; ends with the finish reason in :attr:`finish`, raises what failed it."""
+        while True:
+            item = self.out.get()
+            if isinstance(item, Finished):
+                self.finish = item.reason
+                return
+            if isinstance(item, Failed):
+                raise item.error
+            yield item
+
+
+@dataclass(eq=False)
+class Row:
+    """A request's decoding state on the engine thread."""
+
+    request: Request
+    processors: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    generator: torch.Generator | None
+    seen: torch.Tensor  # [1, n] the tokens its repetition penalty looks at
+    last: torch.Tensor | None = None  # [1] the token to feed at the next step
+    produced: int = 0
+
+    @property
+    def length(self) -> int:
+        """Tokens this row will have in the cache at most (prompt and whole budget)."""
+        return len(self.request.ids) + self.request.max_new
+
+
+class BatchScheduler:
+    """Owns the batch of one loaded model; :meth:`submit` from any thread, the loop runs on `thread`."""
+
+    def __init__(self, model: BatchModel, thread: EngineThread, end_ids: frozenset[int], special_ids: frozenset[int],
+                 processors: Callable[[GenerationParams], Any], device: torch.device, max_batch: int,
+                 kv_budget_tokens: int | None) -> None:
+        self.model, self.thread = model, thread
+        self.end_ids, self.special_ids = end_ids, special_ids
+        self._processors = processors
+        self.device = device
+        self.max_batch = max(1, max_batch)
+        self.kv_budget_tokens = kv_budget_tokens  # rows x padded length the cache may hold; None: unbounded
+        self.rows: list[Row] = []
+        self.cache: Any = None
+        self.mask: torch.Tensor | None = None  # [rows, length] True where a row has a real token
+        self.positions: torch.Tensor | None = None  # [rows] the position of each row's next token
+        self._pending: list[Request] = []
+        self._lock = threading.Lock()
+        self._looping = False
+        self.peak_rows = 0  # the widest batch so far (benchmarks and tests read it)
+        self.on_batch_empty: Callable[[], None] | None = None  # e.g. give freed memory back
+
+    # --- any thread ---
+
+    def submit(self, request: Request) -> Request:
+        with self._lock:
+            self._pending.append(request)
+            start = not self._looping
+            self._looping = True
+        if start:
+            self.thread.submit(self._loop)
+        return request
+
+    def run_together(self, requests: list[Request]) -> None:
+        """On the engine thread (warm-up): these requests in one batch, decoded to their end before returning."""
+        with self._lock:
+            self._pending.extend(requests)
+            self._looping = True
+        self._loop()
+
+    @property
+    def active(self) -> int:
+        return len(self.rows) + len(self._pending)
+
+    # --- the loop (engine thread) ---
+
+    def _loop(self) -> None:
+        with torch.inference_mode():  # every tensor of the batch an inference tensor (else Dynamo recompiles)
+            self._steps()
+        if self.on_batch_empty is not None:
+            self.on_batch_empty()
+
+    def _steps(self) -> None:
+        while True:
+            self.thread.run_pending()  # loads, counts and calls posted meanwhile wait at most one step
+            with self._lock:
+                if not self.rows and not self._pending:
+                    self._looping = False
+                    break
+            self._admit_and_prefill()  # steps 1-2
+            if self.rows:
+                self._step()  # steps 3-6
+
+    def _admit_and_prefill(self) -> None:
+        """Steps 1-2: each joiner's first token is out at once; the next decode step includes it."""
+        budget = PREFILL_TOKENS_PER_STEP
+        while budget > 0:
+            with self._lock:
+                request = self._next_admissible()
+                if request is None:
+                    return
+                self._pending.remove(request)
+            budget -= len(request.ids)
+            if request.cancel.cancelled:
+                request.out.put(Finished("cancelled"))
+                continue
+            try:
+                row, cache = self._prefill(request)
+            except Exception as exc:  # noqa: BLE001 - this reply fails; the batch goes on
+                log.warning("prefill failed: %r", exc)
+                request.out.put(Failed(exc))
+                continue
+            if row is not None:
+                self._join(row, cache)
+
+    def _next_admissible(self) -> Request | None:
+        """The oldest pending request that fits (1. admit): a free row, and the padded cache within budget."""
+        for request in self._pending:
+            if request.cancel.cancelled:
+                return request  # leaves at once, fits or not
+            if len(self.rows) >= self.max_batch:
+                return None
+            if self.kv_budget_tokens is not None and self.rows:
+                widest = max([row.length for row in self.rows] + [len(request.ids) + request.max_new])
+                if (len(self.rows) + 1) * widest > self.kv_budget_tokens:
+                    return None  # first come, first served: no one jumps a reply waiting for memory
+            return request
+        return None
+
+    def _prefill(self, request: Request) -> tuple[Row | None, Any]:
+        """2. prefill: the prompt alone, its first token sampled and emitted; the row (None if the reply is over
+        already) and the cache of its prompt."""
+        params = request.params
+        generator = None
+        if params.seed is not None and not params.greedy:
+            generator = torch.Generator(device=self.device).manual_seed(params.seed)
+        # The repetition penalty looks at the text so far without the chat template's special tokens, which every
+        # prompt repeats; penalizing <|im_end|> would keep the model from ending its turn.
+        seen = torch.tensor([[t for t in request.ids if t not in self.special_ids]], device=self.device,
+                            dtype=torch.long)
+        row = Row(request, self._processors(params), generator, seen)
+        logits, cache = self.model.prefill(request.ids)
+        token = self._sample(row, logits)
+        return (row if self._emit(row, int(token.item()), token) else None), cache
+
+    def _join(self, row: Row, cache: Any) -> None:
+        length = len(row.request.ids)
+        position = torch.tensor([length], device=self.device)
+        real = torch.ones(1, length, dtype=torch.bool, device=self.device)
+        if not self.rows:
+            self.cache, self.mask, self.positions = cache, real, position
+        else:
+            assert self.mask is not None and self.positions is not None
+            width = self.mask.shape[1]
+            grow, pad = max(0, length - width), max(0, width - length)
+            for batch_layer, row_layer in zip(self.cache.layers, cache.layers, strict=True):
+                batch_layer.keys = torch.cat([_pad_left(batch_layer.keys, grow), _pad_left(row_layer.keys, pad)])
+                batch_layer.values = torch.cat([_pad_left(batch_layer.values, grow),
+                                                _pad_left(row_layer.values, pad)])
+            self.mask = torch.cat([functional.pad(self.mask, (grow, 0)), functional.pad(real, (pad, 0))])
+            self.positions = torch.cat([self.positions, position])
+        self.rows.append(row)
+        self.peak_rows = max(self.peak_rows, len(self.rows))
+
+    def _step(self) -> None:
+        """Steps 3-6 for every row."""
+        rows = self.rows
+        leaving = [i for i, row in enumerate(rows) if row.request.cancel.cancelled]
+        for i in leaving:
+            rows[i].request.out.put(Finished("cancelled"))
+        self._retire(leaving)
+        if not self.rows:
+            return
+        rows = self.rows
+        assert self.mask is not None and self.positions is not None
+        try:
+            # 3. decode
+            tokens = torch.stack([row.last for row in rows])  # [rows, 1]
+            mask = None
+            if len(rows) > 1:
+                step_mask = functional.pad(self.mask, (0, 1), value=True)
+                mask = step_mask[:, None, None, :]
+            logits = self.model.decode(tokens, self.positions[:, None], mask, self.cache)
+            # 4. sample
+            picked = [self._sample(row, logits[i:i + 1]) for i, row in enumerate(rows)]
+            ids = torch.cat(picked).tolist()  # the one host sync of the step
+        except Exception as exc:  # noqa: BLE001 - out of memory, a kernel error: these rows fail, the loop goes on
+            log.warning("a batched decode step of %d rows failed: %r", len(rows), exc)
+            for row in rows:
+                row.request.out.put(Failed(exc))
+            self._retire(list(range(len(rows))))
+            return
+        self.mask = functional.pad(self.mask, (0, 1), value=True)
+        self.positions = self.positions + 1
+        # 5. emit, 6. retire
+        done = [i for i, (row, token) in enumerate(zip(rows, ids, strict=True))
+                if not self._emit(row, token, picked[i])]
+        self._retire(done)
+
+    def _sample(self, row: Row, logits: torch.Tensor) -> torch.Tensor:
+        """4. sample one row: [1] token id on the model's device."""
+        scores = row.processors(row.seen, logits.float())
+        if row.request.params.greedy:
+            return scores.argmax(dim=-1)
+        return torch.multinomial(torch.softmax(scores, dim=-1), 1, generator=row.generator).view(1)
+
+    def _emit(self, row: Row, token: int, tensor: torch.Tensor) -> bool:
+        """5. emit a row's token; False when the row is done (and its consumer told why)."""
+        request = row.request
+        if token in self.end_ids:
+            request.out.put(Finished("stop"))
+            return False
+        request.out.put(token)
+        row.produced += 1
+        if row.produced >= request.max_new:
+            request.out.put(Finished("length"))
+            return False
+        if request.cancel.cancelled:
+            request.out.put(Finished("cancelled"))
+            return False
+        if token not in self.special_ids:
+            row.seen = torch.cat([row.seen, tensor.view(1, 1)], dim=1)
+        row.last = tensor.view(1)
+        return True
+
+    def _retire(self, indices: list[int]) -> None:
+        """6. retire: drop these rows from the batch, then the leading columns only padding fills."""
+        if not indices:
+            return
+        gone = set(indices)
+        keep = [i for i in range(len(self.rows)) if i not in gone]
+        self.rows = [self.rows[i] for i in keep]
+        if not keep:
+            self.cache = self.mask = self.positions = None
+            return
+        assert self.mask is not None and self.positions is not None
+        index = torch.tensor(keep, device=self.device)
+        mask = self.mask.index_select(0, index)
+        start = int(mask.any(0).int().argmax())  # first column some row still needs
+        for layer in self.cache.layers:  # (contiguous, as every step's graph expects: a view would recompile it)
+            layer.keys = layer.keys[:, :, start:].index_select(0, index)
+            layer.values = layer.values[:, :, start:].index_select(0, index)
+        self.mask, self.positions = mask[:, start:], self.positions.index_select(0, index)
+
+    def fail_all(self, error: BaseException) -> None:
+        """Unload: every reply still here ends with `error` (engine thread, between steps)."""
+        with self._lock:
+            pending, self._pending = self._pending, []
+        for request in [row.request for row in self.rows] + pending:
+            request.out.put(Failed(error))
+        self.rows = []
+        self.cache = self.mask = self.positions = None
+
+
+def _pad_left(tensor: torch.Tensor, columns: int) -> torch.Tensor:
+    """[rows, heads, length, dim] with `columns` zero positions in front (masked out by the batch's mask)."""
+    return functional.pad(tensor, (0, 0, columns, 0)) if columns else tensor
+
+
+def kv_bytes_per_token(config: Any, dtype: torch.dtype) -> int:
+    """What one token of one row costs in the KV cache of a decoder with this config."""
+    text = getattr(config, "text_config", None) or config
+    layers = text.num_hidden_layers
+    heads = getattr(text, "num_attention_heads", 1)
+    kv_heads = getattr(text, "num_key_value_heads", None) or heads
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+    return 2 * layers * kv_heads * head_dim * torch.tensor([], dtype=dtype).element_size()
+
+
+def free_memory_bytes(device: torch.device) -> int:
+    """Memory free for the KV cache now: the GPU's free memory, or the host's available memory."""
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        return int(free)
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 4 * 1024 ** 3  # unknown (not Linux): assume a modest machine
+
+
+def kv_budget_tokens(config: Any, dtype: torch.dtype, device: torch.device) -> int:
+    """Rows x padded length the cache may hold, from the memory free after loading."""
+    return int(KV_MEMORY_SHARE * free_memory_bytes(device) // kv_bytes_per_token(config, dtype))
