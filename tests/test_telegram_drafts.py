@@ -6,11 +6,12 @@ from __future__ import annotations
 import logging
 
 import pytest
+from telegram.error import BadRequest, Forbidden, InvalidToken, NetworkError, TelegramError
 
 from bot.adapters.delivery import STOPPED_NOTE
 from bot.adapters.regenerate import BUTTON_ID
 from bot.adapters.telegram import sink
-from bot.adapters.telegram.sink import DRAFT_INTERVAL_S, PLACEHOLDER
+from bot.adapters.telegram.sink import DRAFT_INTERVAL_S, PLACEHOLDER, draft_refusal
 from tests.fakes.telegram_api import Call, FakeTelegram
 from tests.test_telegram_access import LONG
 from tests.test_telegram_adapter import ALICE, MakeService, running_bot, texts, wait_contains, wait_text
@@ -180,7 +181,7 @@ async def test_regenerating_in_place_edits_the_reply(make_toy_service: MakeServi
 async def test_an_unchanged_preview_is_drafted_again_before_it_expires(
         make_toy_service: MakeService, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(sink, "DRAFT_REFRESH_S", 0.3)  # a preview lasts ~30 s; the bot re-drafts every 20 s
-    async with running_bot(make_toy_service, script=lambda msgs: "slowly", delay_s=1.2) as (fake, service):
+    async with running_bot(make_toy_service, script=lambda msgs: "slowly", delay_s=1.5) as (fake, service):
         await fake.user_says("take your time")
         await wait_text(fake, ALICE, "slowly")
         placeholders = [d for d in fake.drafts_in(ALICE) if d.text == PLACEHOLDER]
@@ -193,3 +194,18 @@ async def test_drafts_off_streams_private_chats_by_edits(make_toy_service: MakeS
         await wait_text(fake, ALICE, f"You said: {PROMPT} (turn 1)")
         assert ok_calls(fake, "editMessageText", ALICE)
         assert not [c for c in fake.calls if c.method == "sendMessageDraft"]
+
+
+@pytest.mark.parametrize(("error", "refused_where"), [
+    (InvalidToken("Not Found"), "everywhere"),  # 404 from a server without the method, as PTB reports it
+    (BadRequest("Method not found"), "everywhere"),
+    (BadRequest("Textdraft_peer_invalid"), "chat"),
+    (BadRequest("Message is too long"), "chat"),
+    (BadRequest("Chat not found"), None),  # as final as for any other call
+    (Forbidden("Forbidden: bot was blocked by the user"), None),
+    (InvalidToken("Unauthorized"), None),
+    (NetworkError("Bad Gateway"), None),
+])
+def test_which_draft_errors_mean_use_the_edit_loop(error: TelegramError, refused_where: str | None) -> None:
+    refusal = draft_refusal(error)
+    assert (None if refusal is None else "everywhere" if refusal.everywhere else "chat") == refused_where

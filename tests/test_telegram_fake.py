@@ -94,6 +94,8 @@ async def test_drafts_too_fast_draw_retry_after_and_an_older_server_does_not_kno
             with pytest.raises(RetryAfter) as exc:
                 await bot.send_message_draft(1001, 1, "one too many this second")
             assert exc.value._retry_after.total_seconds() == fake.draft_retry_after  # type: ignore[attr-defined]
+            with pytest.raises(RetryAfter):
+                await bot.send_message_draft(1001, 1, "still waiting it out")
             await bot.send_message_draft(1002, 1, "another chat has its own budget")
 
             fake.drafts_supported = False  # before Bot API 9.5: 404, which PTB reports as InvalidToken

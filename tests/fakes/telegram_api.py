@@ -7,7 +7,7 @@ errors: message is not modified, message is too long (4096 UTF-16 units after pa
 entities, message text is empty, message to edit not found, 429 with `parameters.retry_after`.
 sendMessageDraft (Bot API 9.5+): private chats only, recorded in `drafts`, never a message; an older
 server (`drafts_supported = False`) answers 404 as for any unknown method, and drafts faster than
-`draft_rate` a second draw 429 (`draft_retry_after`).
+`draft_rate` a second draw 429 (`draft_retry_after`, refused until it is over).
 Tests inject updates (`user_says`, `press_button`, `user_sends_sticker`) and errors (`fail_next`,
 `drop_next`, `rate_limit_storm`), and read every call from `calls` (429s served: `served_429`).
 """
@@ -225,6 +225,7 @@ class FakeTelegram:
         self.draft_rate: int | None = DRAFT_RATE  # more drafts than this in one second of a chat: 429; None: no limit
         self.draft_retry_after = DRAFT_RETRY_AFTER
         self._draft_times: dict[int, list[float]] = {}
+        self._draft_wait_until: dict[int, float] = {}  # a chat that drafted too fast waits out its retry_after
 
     def rate_limit_storm(self, seconds: float, methods: tuple[str, ...] = STORM_METHODS) -> None:
         """For `seconds` from now every call of `methods` gets 429 with `retry_after` = the seconds left.
@@ -590,13 +591,21 @@ class FakeTelegram:
         return True
 
     def _draft_flood_check(self, chat_id: int) -> None:
-        """More than `draft_rate` accepted drafts within one second of a chat: 429 (drafts do not count as messages)."""
+        """More than `draft_rate` drafts within one second of a chat: 429, and drafts there wait out its retry_after.
+
+        Drafts and messages are limited apart here (`flood_interval` is the messages'): undocumented, assumed.
+        """
         if self.draft_rate is None:
             return
         now = time.monotonic()
+        left = self._draft_wait_until.get(chat_id, 0.0) - now
+        if left > 0:
+            wait = max(1, math.ceil(left))
+            raise ApiError(429, f"Too Many Requests: retry after {wait}", wait)
         recent = [t for t in self._draft_times.get(chat_id, []) if now - t < 1.0]
         if len(recent) >= self.draft_rate:
             self._draft_times[chat_id] = recent
+            self._draft_wait_until[chat_id] = now + self.draft_retry_after
             raise ApiError(429, f"Too Many Requests: retry after {self.draft_retry_after}", self.draft_retry_after)
         self._draft_times[chat_id] = [*recent, now]
 

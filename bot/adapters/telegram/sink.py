@@ -89,7 +89,7 @@ class DraftRefused(Exception):
         self.everywhere = everywhere
 
 
-def _draft_refusal(exc: TelegramError) -> DraftRefused | None:
+def draft_refusal(exc: TelegramError) -> DraftRefused | None:
     """A draft's error as a refusal (use the edit loop), or None when it means what it means for any call."""
     words = str(exc).lower()
     if isinstance(exc, EndPointNotFound) or (isinstance(exc, InvalidToken) and "not found" in words):
@@ -164,7 +164,7 @@ class TelegramOps(MessageOps[int]):
         try:
             await self.bot.send_message_draft(self.chat_id, draft_id, text, message_thread_id=self.thread_id)
         except TelegramError as exc:
-            refusal = _draft_refusal(exc)
+            refusal = draft_refusal(exc)
             if refusal is not None:
                 raise refusal from exc
             mapped = translate(exc)
