@@ -64,7 +64,7 @@ class TelegramAdapter:
         self.username = ""
         self.bot_id = 0
         self._pacers: dict[int, Pacer] = {}
-        self._drafts = Drafts() if settings.telegram_drafts == "auto" else None  # what each private chat took
+        self._drafts = Drafts() if settings.telegram_drafts == "auto" else None  # who refused them; None: off
         self._refused: dict[str, float] = {}
         self._inflight: set[asyncio.Task[object]] = set()
         self._latest = LatestReplies()  # the messages of each chat's latest reply (its Regenerate button)
