@@ -163,6 +163,7 @@ class Settings(BaseSettings):
     telegram_api_base_url: str = "https://api.telegram.org/bot"
     telegram_edit_interval_private_s: float = 1.0
     telegram_edit_interval_group_s: float = 3.0
+    telegram_drafts: Literal["auto", "off"] = "auto"  # private chats stream with sendMessageDraft (Bot API 9.5+)
 
     # --- discord ---
     discord_bot_token: SecretStr | None = None

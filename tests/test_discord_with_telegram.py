@@ -49,7 +49,7 @@ async def test_both_adapters_share_one_queue_and_model(make_toy_service: Any, mo
                 try:
                     await asyncio.wait_for(discord_adapter.ready.wait(), 10)
                     await tg_fake.user_says("tg")
-                    await tg_fake.wait_for(lambda: bool(tg_fake.bot_messages(ALICE_TG)))  # telegram's reply began
+                    await tg_fake.wait_for(lambda: any("tg-" in d.text for d in tg_fake.drafts_in(ALICE_TG)))  # began
                     inter = await discord_fake.interact("chat", bob, channel, {"prompt": "dc"})
 
                     tg_final = " ".join(f"tg-{i}" for i in range(WORDS))

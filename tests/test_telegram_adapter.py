@@ -16,6 +16,7 @@ from tests.fakes.telegram_api import NOT_MODIFIED, FakeTelegram
 MakeService = Callable[..., AbstractAsyncContextManager[ChatService]]
 ALICE = 1001
 FAST = {"telegram_edit_interval_private_s": 0.05, "telegram_edit_interval_group_s": 0.1}
+EDITS = {"telegram_drafts": "off"}  # private chats stream by the edit loop (tests of it), not sendMessageDraft
 
 
 @asynccontextmanager
@@ -54,7 +55,7 @@ async def wait_contains(fake: FakeTelegram, chat_id: int, part: str, timeout: fl
 
 
 async def test_private_conversation_streams_by_edits_and_keeps_history(make_toy_service: MakeService) -> None:
-    async with running_bot(make_toy_service, delay_s=0.03) as (fake, service):
+    async with running_bot(make_toy_service, delay_s=0.03, **EDITS) as (fake, service):
         assert [c["command"] for c in fake.commands] == ["start", "help", "reset", "model", "stop", "system", "persona", "retry", "stats"]
         prompt = "tell me something about four bit quantized language models please"
         await fake.user_says(prompt)
@@ -151,7 +152,7 @@ async def test_forum_topics_keep_separate_histories(make_toy_service: MakeServic
 
 
 async def test_retry_after_during_streaming_still_delivers_final_text(make_toy_service: MakeService) -> None:
-    async with running_bot(make_toy_service, delay_s=0.05) as (fake, service):
+    async with running_bot(make_toy_service, delay_s=0.05, **EDITS) as (fake, service):
         fake.fail_next("editMessageText", 429, "Too Many Requests: retry after 1", retry_after=1)
         prompt = "a b c d e f g h i j k l"
         await fake.user_says(prompt)
@@ -163,7 +164,7 @@ async def test_retry_after_during_streaming_still_delivers_final_text(make_toy_s
 
 
 async def test_not_modified_and_deleted_reply_are_survived(make_toy_service: MakeService) -> None:
-    async with running_bot(make_toy_service, delay_s=0.05) as (fake, service):
+    async with running_bot(make_toy_service, delay_s=0.05, **EDITS) as (fake, service):
         fake.fail_next("editMessageText", 400, NOT_MODIFIED)
         await fake.user_says("one two three four five six")
         await wait_text(fake, ALICE, "You said: one two three four five six (turn 1)")
@@ -269,7 +270,7 @@ async def test_bad_token_is_a_clear_error_without_the_token(make_toy_service: Ma
 
 async def test_stop_mid_reply_marks_the_message(make_toy_service: MakeService) -> None:
     prompt = " ".join(f"w{i}" for i in range(30))
-    async with running_bot(make_toy_service, delay_s=0.1, grace=0.3) as (fake, service):
+    async with running_bot(make_toy_service, delay_s=0.1, grace=0.3, **EDITS) as (fake, service):
         await fake.user_says(prompt)
         await wait_contains(fake, ALICE, "You said: w0")  # streaming has begun
     shown = texts(fake, ALICE)
@@ -279,7 +280,8 @@ async def test_stop_mid_reply_marks_the_message(make_toy_service: MakeService) -
 
 async def test_paced_streaming_stays_within_flood_control(make_toy_service: MakeService) -> None:
     prompt = " ".join(f"w{i}" for i in range(40))
-    async with running_bot(make_toy_service, delay_s=0.03, telegram_edit_interval_private_s=0.3) as (fake, service):
+    async with running_bot(make_toy_service, delay_s=0.03, telegram_edit_interval_private_s=0.3,
+                           **EDITS) as (fake, service):
         fake.flood_interval, fake.flood_burst = 0.25, 2  # this chat's flood limit: 4 messages a second
         await fake.user_says(prompt)
         await wait_text(fake, ALICE, f"You said: {prompt} (turn 1)")
@@ -289,7 +291,8 @@ async def test_paced_streaming_stays_within_flood_control(make_toy_service: Make
 
 async def test_editing_too_fast_draws_429_and_the_final_text_still_lands(make_toy_service: MakeService) -> None:
     prompt = " ".join(f"w{i}" for i in range(40))
-    async with running_bot(make_toy_service, delay_s=0.03, telegram_edit_interval_private_s=0.0) as (fake, service):
+    async with running_bot(make_toy_service, delay_s=0.03, telegram_edit_interval_private_s=0.0,
+                           **EDITS) as (fake, service):
         fake.flood_interval, fake.flood_burst = 0.5, 2
         await fake.user_says(prompt)
         await wait_text(fake, ALICE, f"You said: {prompt} (turn 1)")

@@ -6,14 +6,14 @@ from __future__ import annotations
 import asyncio
 
 from bot.adapters.streaming import CUT_NOTE
-from tests.test_telegram_adapter import ALICE, MakeService, running_bot, texts, wait_contains, wait_text
+from tests.test_telegram_adapter import ALICE, EDITS, MakeService, running_bot, texts, wait_contains, wait_text
 
 GROUP = -500
 SUPERGROUP = -1000000000500
 
 
 async def test_an_outage_longer_than_six_tries_is_waited_out(make_toy_service: MakeService) -> None:
-    async with running_bot(make_toy_service, delivery_retry_s=4.0) as (fake, service):
+    async with running_bot(make_toy_service, delivery_retry_s=4.0, **EDITS) as (fake, service):
         fake.fail_next("editMessageText", 502, "Bad Gateway", times=9)  # the server is down for a while
         await fake.user_says("are you there")
         await wait_text(fake, ALICE, "You said: are you there (turn 1)", timeout=15)
@@ -23,7 +23,7 @@ async def test_an_outage_longer_than_six_tries_is_waited_out(make_toy_service: M
 
 
 async def test_a_reply_that_never_lands_is_kept_and_the_next_one_says_so(make_toy_service: MakeService) -> None:
-    async with running_bot(make_toy_service, delivery_retry_s=1.0) as (fake, service):
+    async with running_bot(make_toy_service, delivery_retry_s=1.0, **EDITS) as (fake, service):
         fake.fail_next("editMessageText", 502, "Bad Gateway", times=10_000)
         await fake.user_says("first question")
         chat = await service.store.chat_id("telegram", str(ALICE))

@@ -60,7 +60,7 @@ async def test_run_answers_on_telegram_with_gptq_and_stops_on_sigterm(tmp_path: 
             (content, _), = stored_replies(db)
             assert content.strip()
             await fake.wait_for(lambda: [m.text for m in fake.bot_messages(ALICE)] == [as_shown(content)], 10)
-            assert fake.calls_to("editMessageText", ALICE)  # streamed by edits
+            assert fake.drafts_in(ALICE) and not fake.calls_to("editMessageText", ALICE)  # streamed by drafts
 
             await fake.user_says("Say that again, in one word.")
             await until(lambda: len(stored_replies(db)) == 2, 60)  # the second reply has started

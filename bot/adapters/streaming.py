@@ -117,8 +117,12 @@ class Pacer:
         self._next = 0.0
         self.owes_note = False  # a reply in this chat was cut: the next one says so
 
+    def left(self) -> float:
+        """Seconds until the next call may go out (0 when it may go now)."""
+        return max(0.0, self._next - time.monotonic())
+
     async def wait(self) -> None:
-        delay = self._next - time.monotonic()
+        delay = self.left()
         if delay > 0:
             await asyncio.sleep(delay)
 
@@ -214,7 +218,7 @@ class StreamingMessage(Generic[H]):
         trouble_since: float | None = None  # when the first of them failed
         while True:
             await self._wake.wait()
-            await self.pacer.wait()
+            await self._pace()
             self._wake.clear()
             final = self._final is not None
             text = self._final if self._final is not None else self._text
@@ -257,6 +261,10 @@ class StreamingMessage(Generic[H]):
                 self._cut(f"no delivery for {now - trouble_since:.0f} s")
                 return
             self._wake.set()
+
+    async def _pace(self) -> None:
+        """Wait until the next call may go out (a subclass may pace some calls by another clock)."""
+        await self.pacer.wait()
 
     def _with_note(self, text: str) -> str:
         """The reply text, after the chat's "a reply was cut" note if this reply is the one to carry it."""

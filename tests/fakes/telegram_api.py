@@ -5,6 +5,9 @@ bodies; `{"ok": true, "result": ...}` envelopes; long-polling getUpdates with `o
 objects with `bot_command` / `mention` entities; HTML parse mode parsed into entities; and the real
 errors: message is not modified, message is too long (4096 UTF-16 units after parsing), can't parse
 entities, message text is empty, message to edit not found, 429 with `parameters.retry_after`.
+sendMessageDraft (Bot API 9.5+): private chats only, recorded in `drafts`, never a message; an older
+server (`drafts_supported = False`) answers 404 as for any unknown method, and drafts faster than
+`draft_rate` a second draw 429 (`draft_retry_after`, refused until it is over).
 Tests inject updates (`user_says`, `press_button`, `user_sends_sticker`) and errors (`fail_next`,
 `drop_next`, `rate_limit_storm`), and read every call from `calls` (429s served: `served_429`).
 """
@@ -27,6 +30,8 @@ from aiohttp import web
 MAX_TEXT = 4096
 STORM_METHODS = ("sendMessage", "editMessageText")  # what flood control refuses during a storm
 MAX_CALLBACK_ANSWER = 200
+DRAFT_RATE = 5  # drafts a second per chat that hold (observed by others; undocumented)
+DRAFT_RETRY_AFTER = 3  # the retry_after drawn by drafting faster (observed ~3 s)
 BOT_ID = 7000001
 
 # Form fields whose values arrive JSON-encoded (everything else is a plain string).
@@ -34,7 +39,7 @@ _JSON_FIELDS = {
     "chat_id", "message_id", "offset", "limit", "timeout", "allowed_updates", "reply_markup", "entities",
     "commands", "scope", "reply_parameters", "link_preview_options", "message_thread_id",
     "disable_notification", "protect_content", "drop_pending_updates", "show_alert", "cache_time",
-    "allow_sending_without_reply", "reply_to_message_id", "disable_web_page_preview", "user_id",
+    "allow_sending_without_reply", "reply_to_message_id", "disable_web_page_preview", "user_id", "draft_id",
 }
 NOT_MODIFIED = ("Bad Request: message is not modified: specified new message content and reply markup are "
                 "exactly the same as a current content and reply markup of the message")
@@ -142,6 +147,18 @@ class Call:
 
 
 @dataclass
+class Draft:
+    """One sendMessageDraft the server accepted: a ~30 s preview, not a message of the chat."""
+
+    chat_id: int
+    draft_id: int
+    text: str  # after parsing; "" shows "Thinking..."
+    entities: list[dict[str, Any]]
+    thread_id: int | None
+    at: float
+
+
+@dataclass
 class FakeMessage:
     chat: dict[str, Any]
     message_id: int
@@ -203,6 +220,12 @@ class FakeTelegram:
         self.fetched_update_id = 0  # the newest update getUpdates has handed to the bot
         self._storm_until = 0.0
         self._storm_methods: frozenset[str] = frozenset()
+        self.drafts: list[Draft] = []  # accepted drafts, oldest first (they never appear in `messages`)
+        self.drafts_supported = True  # False: a server older than Bot API 9.5 (404, method unknown)
+        self.draft_rate: int | None = DRAFT_RATE  # more drafts than this in one second of a chat: 429; None: no limit
+        self.draft_retry_after = DRAFT_RETRY_AFTER
+        self._draft_times: dict[int, list[float]] = {}
+        self._draft_wait_until: dict[int, float] = {}  # a chat that drafted too fast waits out its retry_after
 
     def rate_limit_storm(self, seconds: float, methods: tuple[str, ...] = STORM_METHODS) -> None:
         """For `seconds` from now every call of `methods` gets 429 with `retry_after` = the seconds left.
@@ -363,6 +386,9 @@ class FakeTelegram:
         return [c for c in self.calls if c.method == method and c.error is None
                 and (chat_id is None or c.params.get("chat_id") == chat_id)]
 
+    def drafts_in(self, chat_id: int) -> list[Draft]:
+        return [d for d in self.drafts if d.chat_id == chat_id]
+
     def bot_messages(self, chat_id: int) -> list[FakeMessage]:
         return [m for (cid, _), m in sorted(self.messages.items()) if cid == chat_id and m.from_bot and not m.deleted]
 
@@ -414,7 +440,7 @@ class FakeTelegram:
                 raise inj.error
             self._storm_check(method)
             handler = getattr(self, "_m_" + method.lower(), None)
-            if handler is None:
+            if handler is None or (method == "sendMessageDraft" and not self.drafts_supported):
                 raise ApiError(404, "Not Found")
             result = await handler(params)
             return web.json_response({"ok": True, "result": result})
@@ -458,8 +484,10 @@ class FakeTelegram:
             return self.private_chat(cid)
         raise bad_request("chat not found")
 
-    def _text(self, params: dict[str, Any]) -> tuple[str, list[dict[str, Any]]]:
+    def _text(self, params: dict[str, Any], empty_ok: bool = False) -> tuple[str, list[dict[str, Any]]]:
         raw = params.get("text")
+        if empty_ok and (raw is None or raw == ""):
+            return "", []
         if raw is None or raw == "":
             raise bad_request("message text is empty")
         mode = (params.get("parse_mode") or "").lower()
@@ -469,7 +497,7 @@ class FakeTelegram:
             text, entities = str(raw), list(params.get("entities") or [])
         else:
             raise bad_request(f"unsupported parse_mode {params.get('parse_mode')}")
-        if not text.strip():
+        if not text.strip() and not empty_ok:
             raise bad_request("message text is empty")
         if utf16_len(text) > MAX_TEXT:
             raise bad_request("message is too long")
@@ -546,6 +574,40 @@ class FakeTelegram:
         m.history.append(text)
         self.messages[(chat["id"], mid)] = m
         return self._message_json(m)
+
+    async def _m_sendmessagedraft(self, params: dict[str, Any]) -> Any:
+        """A preview that animates in place per draft_id; private chats only; the text is optional (Bot API 10.0)."""
+        chat = self._chat(params.get("chat_id"))
+        if chat["type"] != "private":
+            raise bad_request("TEXTDRAFT_PEER_INVALID")
+        draft_id = params.get("draft_id")
+        if not isinstance(draft_id, int) or isinstance(draft_id, bool) or draft_id == 0:
+            raise bad_request("DRAFT_ID_INVALID")  # "must be non-zero" (docs); the wording is a guess
+        text, entities = self._text(params, empty_ok=True)
+        self._draft_flood_check(chat["id"])
+        thread = params.get("message_thread_id")
+        self.drafts.append(Draft(chat["id"], draft_id, text, entities, int(thread) if thread else None,
+                                 time.monotonic()))
+        return True
+
+    def _draft_flood_check(self, chat_id: int) -> None:
+        """More than `draft_rate` drafts within one second of a chat: 429, and drafts there wait out its retry_after.
+
+        Drafts and messages are limited apart here (`flood_interval` is the messages'): undocumented, assumed.
+        """
+        if self.draft_rate is None:
+            return
+        now = time.monotonic()
+        left = self._draft_wait_until.get(chat_id, 0.0) - now
+        if left > 0:
+            wait = max(1, math.ceil(left))
+            raise ApiError(429, f"Too Many Requests: retry after {wait}", wait)
+        recent = [t for t in self._draft_times.get(chat_id, []) if now - t < 1.0]
+        if len(recent) >= self.draft_rate:
+            self._draft_times[chat_id] = recent
+            self._draft_wait_until[chat_id] = now + self.draft_retry_after
+            raise ApiError(429, f"Too Many Requests: retry after {self.draft_retry_after}", self.draft_retry_after)
+        self._draft_times[chat_id] = [*recent, now]
 
     def _editable(self, params: dict[str, Any]) -> tuple[dict[str, Any], Any]:
         """The chat and the bot's own message an edit names, or the Bot API's 400 for it."""

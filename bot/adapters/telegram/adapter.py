@@ -15,7 +15,7 @@ from telegram.ext import AIORateLimiter, Application, CallbackQueryHandler, Cont
 from bot.adapters.delivery import TEXT_ONLY, handle_reply, started
 from bot.adapters.regenerate import BUTTON_ID, BUTTON_LABEL, RETRY_COMMAND, STALE, WRITING_AGAIN, LatestReplies, strip
 from bot.adapters.streaming import Pacer
-from bot.adapters.telegram.sink import TelegramOps, TelegramSink, Typing
+from bot.adapters.telegram.sink import Drafts, TelegramOps, TelegramSink, Typing
 from bot.core.access import AccessPolicy, Verdict, wants_chat_admin_fact
 from bot.core.messages import IncomingMessage
 from bot.core.service import COMMANDS, parse_command
@@ -64,6 +64,7 @@ class TelegramAdapter:
         self.username = ""
         self.bot_id = 0
         self._pacers: dict[int, Pacer] = {}
+        self._drafts = Drafts() if settings.telegram_drafts == "auto" else None  # who refused them; None: off
         self._refused: dict[str, float] = {}
         self._inflight: set[asyncio.Task[object]] = set()
         self._latest = LatestReplies()  # the messages of each chat's latest reply (its Regenerate button)
@@ -205,7 +206,8 @@ class TelegramAdapter:
         ops = TelegramOps(self.app.bot, chat.id, thread, reply_to, keyboard)
         return TelegramSink(ops, self._pacer(chat.id, chat.type),
                             Typing(self.app.bot, chat.id, thread) if typing else None,
-                            give_up_s=self.settings.delivery_retry_s, reply_buttons=REGENERATE_KEYBOARD)
+                            give_up_s=self.settings.delivery_retry_s, reply_buttons=REGENERATE_KEYBOARD,
+                            drafts=self._drafts if chat.type == ChatType.PRIVATE and thread is None else None)
 
     def _model_keyboard(self) -> InlineKeyboardMarkup:
         current = self.service.current_model
