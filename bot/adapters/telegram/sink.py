@@ -16,6 +16,7 @@ from bot.adapters.streaming import (DEFAULT_GIVE_UP_S, Fatal, MessageGone, Messa
                                     StreamingMessage, StreamingSink, TooLong, TransientError)
 from bot.adapters.telegram.formatting import has_markup, markdown_to_html
 from bot.adapters.textsplit import utf16_length
+from bot.core.i18n import _
 
 log = logging.getLogger(__name__)
 
@@ -31,8 +32,9 @@ PERMANENT_ERRORS = ("chat not found", "bot was kicked", "not enough rights", "ha
 
 
 def queue_status(position: int, eta_s: float | None) -> str:
-    eta = f", about {eta_s:.0f} s" if eta_s else ""
-    return f"⏳ You're number {position} in the queue{eta}."
+    if eta_s:
+        return _("⏳ You're number %(position)s in the queue, about %(eta).0f s.") % {"position": position, "eta": eta_s}
+    return _("⏳ You're number %(position)s in the queue.") % {"position": position}
 
 
 @dataclass(frozen=True)
