@@ -14,8 +14,8 @@ from babel.messages.frontend import CommandLineInterface
 from babel.messages.pofile import read_po
 
 from bot.adapters.terminal import terminal_locale
-from bot.core import i18n
-from bot.core.service import ChatService
+from bot.core import i18n, queue
+from bot.core.service import QUEUE_TEXTS, ChatService
 from tests.conftest import toy_settings
 from tests.test_discord_adapter import discord_world  # noqa: F401 - the fixture
 from tests.test_telegram_adapter import running_bot, wait_contains
@@ -61,6 +61,13 @@ def test_the_terminal_reads_language_then_the_posix_locale(tmp_path: Path, monke
 
 
 # --------------------------------------------------------------------------- catalogues
+
+
+def test_the_queue_texts_are_in_the_catalogue() -> None:
+    """bot/core/queue.py writes them in English; the service's copies put them in the catalogue."""
+    assert QUEUE_TEXTS == (queue.NO_MODEL, queue.SHUTTING_DOWN), "queue.py changed a text: update QUEUE_TEXTS"
+    with i18n.using(i18n.CHINESE):
+        assert i18n._(queue.SHUTTING_DOWN) == "机器人正在关闭。"
 
 
 def _ids(path: Path) -> set[Any]:

@@ -9,7 +9,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from bot.config import ModelProfile, Settings, build_hint
-from bot.core import access, queue
+from bot.core import access
 from bot.core.i18n import N_, _, using
 from bot.core.messages import IncomingMessage, MessageStatus, ReplySink, ReplyStatus
 from bot.core.personas import Persona, load_personas, persona_of
@@ -55,7 +55,6 @@ QUEUE_TEXTS = (
        "please try again in a few minutes."),
     N_("The bot is shutting down."),
 )
-assert QUEUE_TEXTS == (queue.NO_MODEL, queue.SHUTTING_DOWN), "bot/core/queue.py changed its texts"
 MAX_SYSTEM_CHARS = 4000  # a longer system prompt would leave little of a small model's context
 RESET_WORD = "reset"
 RETRY_MIN_TEMPERATURE = 0.7  # a regenerated reply is sampled at least this warm, so that it differs
@@ -224,8 +223,10 @@ class ChatService:
                      + ("" if n == self.current_model or self.settings.profile_ready(p) else " " + _("(not ready)"))
                      for n, p in self.settings.profiles.items()]
             if msg.is_admin and (kernels := getattr(self.queue.engine, "kernel_summary", None)):
-                lines.append(_("Running: %(kernels)s") % {"kernels": kernels})  # what the model runs on (bot/engines/kernel_report.py)
-            await sink.notice(_("Models (* = current):") + "\n" + "\n".join(lines) + "\n" + _("Switch with /model NAME"))
+                # what the model runs on (bot/engines/kernel_report.py)
+                lines.append(_("Running: %(kernels)s") % {"kernels": kernels})
+            await sink.notice(_("Models (* = current):") + "\n" + "\n".join(lines) + "\n"
+                              + _("Switch with /model NAME"))
             return
         if refusal := access.switch_refusal(msg, self.settings):
             await sink.error(refusal)
@@ -247,7 +248,8 @@ class ChatService:
             await sink.error(_(USER_BUSY))
             return
         except BotError as exc:
-            state = _("Still using %(model)s.") % {"model": self.current_model} if self.current_model else _(NO_MODEL_NOW)
+            state = (_("Still using %(model)s.") % {"model": self.current_model} if self.current_model
+                     else _(NO_MODEL_NOW))
             await sink.error(_("Could not load %(model)s: %(error)s.") % {"model": arg, "error": _(str(exc))}
                              + " " + state)
             return

@@ -33,7 +33,8 @@ PERMANENT_ERRORS = ("chat not found", "bot was kicked", "not enough rights", "ha
 
 def queue_status(position: int, eta_s: float | None) -> str:
     if eta_s:
-        return _("⏳ You're number %(position)s in the queue, about %(eta).0f s.") % {"position": position, "eta": eta_s}
+        return (_("⏳ You're number %(position)s in the queue, about %(eta).0f s.")
+                % {"position": position, "eta": eta_s})
     return _("⏳ You're number %(position)s in the queue.") % {"position": position}
 
 
