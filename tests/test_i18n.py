@@ -17,6 +17,7 @@ from bot.adapters.terminal import terminal_locale
 from bot.core import i18n, queue
 from bot.core.service import QUEUE_TEXTS, ChatService
 from tests.conftest import toy_settings
+from tests.core_helpers import say
 from tests.test_discord_adapter import discord_world  # noqa: F401 - the fixture
 from tests.test_telegram_adapter import running_bot, wait_contains
 
@@ -198,3 +199,18 @@ async def test_discord_language_setting_and_the_guild_locale(discord_world: Call
         replies = [m["content"] for m in w.fake.messages[w.channel["id"]].values()
                    if m["author"]["id"] == w.fake.app_id]
         assert replies and replies[-1].startswith(HELP_ZH), replies
+
+
+# --------------------------------------------------------------------------- the service
+
+
+async def test_refusals_written_in_the_queue_worker_keep_the_askers_language(make_toy_service: MakeService) -> None:
+    """A too-long request is refused when its reply starts, in the queue's worker: still in the asker's language."""
+    async with make_toy_service(context_length=64, max_new_tokens=16) as service:
+        huge = " ".join(f"w{i}" for i in range(200))  # the scripted engine counts a word as a token
+        refused = await say(service, huge, locale=i18n.CHINESE)
+        assert refused.errors and refused.errors[0].startswith("你的消息太长了："), refused.errors
+        english = await say(service, huge, chat="c2")
+        assert english.errors[0].startswith("Your message is too long:")
+        stats = await say(service, "/stats", locale=i18n.CHINESE, is_admin=True)
+        assert stats.notices[0].startswith("本对话：") and "机器人自" in stats.notices[0], stats.notices

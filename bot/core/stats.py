@@ -12,10 +12,15 @@ from collections import Counter, deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
-from bot.core.i18n import _
+from bot.core.i18n import N_, _
 from bot.core.messages import MessageStatus
 
 WAIT_SAMPLES = 10_000  # newest queue waits kept for the percentiles
+STATUS_WORDS = {  # how /stats names the replies' statuses
+    MessageStatus.COMPLETE: N_("complete"), MessageStatus.CANCELLED: N_("cancelled"), MessageStatus.FAILED: N_("failed"),
+    MessageStatus.INCOMPLETE: N_("incomplete"), MessageStatus.PENDING: N_("pending"),
+    MessageStatus.REJECTED: N_("rejected"), MessageStatus.SUPERSEDED: N_("superseded"),
+}
 
 
 @dataclass(frozen=True)
@@ -79,7 +84,8 @@ def chat_text(usage: ChatUsage) -> str:
 
 def bot_text(stats: BotStats, model: str) -> str:
     uptime = time.monotonic() - stats.started
-    statuses = ", ".join(f"{n} {s}" for s, n in sorted(stats.by_status.items())) or _("none yet")
+    statuses = ", ".join(f"{n} {_(STATUS_WORDS.get(MessageStatus(s), s))}" for s, n in sorted(stats.by_status.items()))
+    statuses = statuses or _("none yet")
     p50, p95 = percentile(stats.waits, 0.5), percentile(stats.waits, 0.95)
     waits = (_("p50 %(p50).1f s, p95 %(p95).1f s") % {"p50": p50, "p95": p95} if p50 is not None and p95 is not None
              else _("no requests yet"))
