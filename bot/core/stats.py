@@ -17,9 +17,10 @@ from bot.core.messages import MessageStatus
 
 WAIT_SAMPLES = 10_000  # newest queue waits kept for the percentiles
 STATUS_WORDS = {  # how /stats names the replies' statuses
-    MessageStatus.COMPLETE: N_("complete"), MessageStatus.CANCELLED: N_("cancelled"), MessageStatus.FAILED: N_("failed"),
-    MessageStatus.INCOMPLETE: N_("incomplete"), MessageStatus.PENDING: N_("pending"),
-    MessageStatus.REJECTED: N_("rejected"), MessageStatus.SUPERSEDED: N_("superseded"),
+    MessageStatus.COMPLETE: N_("complete"), MessageStatus.CANCELLED: N_("cancelled"),
+    MessageStatus.FAILED: N_("failed"), MessageStatus.INCOMPLETE: N_("incomplete"),
+    MessageStatus.PENDING: N_("pending"), MessageStatus.REJECTED: N_("rejected"),
+    MessageStatus.SUPERSEDED: N_("superseded"),
 }
 
 
