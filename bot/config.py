@@ -67,7 +67,10 @@ def is_embedded(profile: ModelProfile) -> bool:
 
 def build_hint(profile: ModelProfile) -> str:
     """How to build an embedded profile's missing files, for people told it is not ready."""
-    return f"build it with `python -m bot models prepare --only {profile.format}`, then try again."
+    from bot.core.i18n import _
+
+    return _("build it with `%(command)s`, then try again.") % {
+        "command": f"python -m bot models prepare --only {profile.format}"}
 
 
 def read_profiles(path: Path) -> list[ModelProfile]:
@@ -147,6 +150,9 @@ class Settings(BaseSettings):
     partial_save_s: float = 3.0  # a streaming reply's text so far is stored this often (survives kill -9)
     delivery_retry_s: float = 300.0  # how long a reply that cannot reach the chat (network, 5xx) is retried
     log_level: str = "WARNING"
+    # The language of everything the bot writes ("zh" or "en"; like GNU gettext's LANGUAGE, "zh_CN:en" lists
+    # several, the first available wins). Unset: each person's own (Telegram language, Discord locale).
+    language: str = ""
     log_json: bool = False
 
     # --- health and metrics (bot/metrics.py) ---

@@ -25,6 +25,8 @@ TOY_MODELS = ("toy-a", "toy-b")
 # torch.compile adds ~1 min to every model load on a 2-core CPU; the engine tests run the compiled decode
 # step (the default on CPU) explicitly, every other test that loads a real model decodes eagerly.
 os.environ.setdefault("TORCH_COMPILE", "off")
+# A desktop shell's GNU gettext LANGUAGE (e.g. "en_US:en") is also the bot's LANGUAGE setting: tests choose their own.
+os.environ.pop("LANGUAGE", None)
 
 
 def toy_settings(tmp_path: Path, **overrides: Any) -> Settings:

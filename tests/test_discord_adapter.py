@@ -145,7 +145,7 @@ async def test_all_four_commands_are_synced_globally(discord_world) -> None:
     async with discord_world() as w:
         assert [scope for scope, _ in w.fake.command_puts] == [None]
         commands = {c["name"]: c for c in w.fake.commands[None]}
-        assert set(commands) == {"chat", "reset", "model", "stop", "system", "persona", "retry", "stats"}
+        assert set(commands) == {"chat", "help", "reset", "model", "stop", "system", "persona", "retry", "stats"}
         prompt = commands["chat"]["options"][0]
         assert (prompt["name"], prompt["type"], prompt["required"]) == ("prompt", 3, True)
         name = commands["model"]["options"][0]
@@ -155,7 +155,8 @@ async def test_all_four_commands_are_synced_globally(discord_world) -> None:
 async def test_guild_ids_sync_the_commands_to_that_guild_instead(discord_world) -> None:
     async with discord_world(sync_to_guild=True) as w:
         assert [scope for scope, _ in w.fake.command_puts] == [w.guild["id"]]
-        assert {c["name"] for c in w.fake.commands[w.guild["id"]]} == {"chat", "reset", "model", "stop", "system", "persona", "retry", "stats"}
+        assert {c["name"] for c in w.fake.commands[w.guild["id"]]} == {"chat", "help", "reset", "model", "stop", "system",
+                                                                       "persona", "retry", "stats"}
         inter = await w.chat("hi there")
         assert inter.content == "You said: Alice: hi there (turn 1)"
 

@@ -61,7 +61,7 @@ async def test_bot_run_serves_discord_on_the_real_gptq_build(tmp_path: Path, pre
     try:
         await until(lambda: fake.ready.is_set() or app.done())
         assert not app.done(), app.exception()
-        assert {c["name"] for c in fake.commands[None]} == {"chat", "reset", "model", "stop", "system", "persona", "retry", "stats"}
+        assert {c["name"] for c in fake.commands[None]} == {"chat", "help", "reset", "model", "stop", "system", "persona", "retry", "stats"}
 
         inter = await fake.interact("chat", alice, channel, {"prompt": "What is the capital of France?"})
 

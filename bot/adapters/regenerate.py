@@ -13,14 +13,15 @@ import logging
 from collections.abc import Hashable
 
 from bot.adapters.streaming import StreamingSink
+from bot.core.i18n import N_
 
 log = logging.getLogger(__name__)
 
 RETRY_COMMAND = "/retry"
-BUTTON_LABEL = "🔄 Regenerate"
+BUTTON_LABEL = N_("🔄 Regenerate")
 BUTTON_ID = "retry"  # Telegram callback_data, Discord custom_id
-STALE = "Only the latest reply can be regenerated."
-WRITING_AGAIN = "Writing it again…"
+STALE = N_("Only the latest reply can be regenerated.")
+WRITING_AGAIN = N_("Writing it again…")
 
 
 class LatestReplies:

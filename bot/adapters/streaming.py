@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 from bot.adapters.textsplit import split_message
+from bot.core.i18n import N_, _
 from bot.core.messages import ReplyStatus
 
 log = logging.getLogger(__name__)
@@ -40,7 +41,7 @@ BACKOFF_START_S = 0.5  # first wait after a network error; doubles each time
 BACKOFF_MAX_S = 30.0  # at most this, and at most a twentieth of give_up_s
 DEFAULT_GIVE_UP_S = 300.0  # how long temporary trouble with the final text is retried (DELIVERY_RETRY_S)
 MAX_ATTEMPTS = 6  # consecutive unexplained refusals before giving up on this text (the final one: for good)
-CUT_NOTE = "(My previous reply here could not be delivered in full. It is saved: ask me to repeat it.)"
+CUT_NOTE = N_("(My previous reply here could not be delivered in full. It is saved: ask me to repeat it.)")
 SHRINK_FACTOR = 0.8  # when the platform says "too long" anyway, split at this share of the limit
 RETRY_MARGIN_S = 0.1  # added to a server's retry_after
 
@@ -269,7 +270,7 @@ class StreamingMessage(Generic[H]):
     def _with_note(self, text: str) -> str:
         """The reply text, after the chat's "a reply was cut" note if this reply is the one to carry it."""
         if self._note is None:
-            self._note = f"{CUT_NOTE}\n\n" if self.pacer.owes_note else ""
+            self._note = f"{_(CUT_NOTE)}\n\n" if self.pacer.owes_note else ""
             self.pacer.owes_note = False  # taken; `_cut` puts it back if this reply fails too
         return self._note + text
 

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import signal
 import sys
 import threading
 from typing import TextIO
 
 from bot.config import Settings
+from bot.core import i18n
+from bot.core.i18n import _
 from bot.core.messages import IncomingMessage, ReplyStatus
 from bot.core.service import ChatService
 
@@ -30,8 +33,11 @@ class TerminalSink:
         self.out.flush()
 
     async def queued(self, position: int, eta_s: float | None) -> None:
-        eta = f", about {eta_s:.0f} s" if eta_s is not None else ""
-        self._write(f"(waiting: #{position} in line{eta})\n")
+        if eta_s is not None:
+            self._write(_("(waiting: #%(position)s in line, about %(eta).0f s)") % {"position": position, "eta": eta_s}
+                        + "\n")
+        else:
+            self._write(_("(waiting: #%(position)s in line)") % {"position": position} + "\n")
 
     async def started(self) -> None:
         self._write("bot> ")
@@ -64,8 +70,18 @@ def _stdin_lines(loop: asyncio.AbstractEventLoop, lines: asyncio.Queue[str | Non
     threading.Thread(target=read, name="stdin", daemon=True).start()
 
 
+def terminal_locale(settings: Settings) -> str:
+    """LANGUAGE, else the terminal's own locale (LC_ALL, LC_MESSAGES, LANG: the order gettext reads them)."""
+    return i18n.pick(settings.language, *(os.environ.get(v) for v in ("LC_ALL", "LC_MESSAGES", "LANG")))
+
+
 async def chat_loop(service: ChatService, out: TextIO = sys.stdout, user: str = "you") -> None:
     """Read a line, answer it, repeat. Ctrl-C stops a running reply, or leaves when idle."""
+    with i18n.using(terminal_locale(service.settings)):
+        await _chat_loop(service, out, user)
+
+
+async def _chat_loop(service: ChatService, out: TextIO, user: str) -> None:
     loop = asyncio.get_running_loop()
     lines: asyncio.Queue[str | None] = asyncio.Queue()
     _stdin_lines(loop, lines)
@@ -81,7 +97,8 @@ async def chat_loop(service: ChatService, out: TextIO = sys.stdout, user: str = 
         loop.add_signal_handler(signal.SIGINT, on_sigint)
     except (NotImplementedError, RuntimeError):  # not the main thread / not supported
         pass
-    out.write(f"Chatting with {service.current_model}. /help for commands, /quit to leave.\n")
+    out.write(_("Chatting with %(model)s. /help for commands, /quit to leave.") % {"model": service.current_model}
+              + "\n")
     while True:
         if sys.stdin.isatty():
             out.write(f"{user}> ")
@@ -93,15 +110,18 @@ async def chat_loop(service: ChatService, out: TextIO = sys.stdout, user: str = 
             continue
         generating = True
         try:
-            await service.handle(IncomingMessage(PLATFORM, CHAT_ID, "local", user, line), TerminalSink(out))
+            await service.handle(IncomingMessage(PLATFORM, CHAT_ID, "local", user, line, locale=i18n.current()),
+                                 TerminalSink(out))
         finally:
             generating = False
-    out.write("bye\n")
+    out.write(_("bye") + "\n")
 
 
 def announce_loading(settings: Settings, out: TextIO = sys.stderr) -> None:
     """Say what the silent minute at start-up is (loading, and on a CPU compiling, the model)."""
-    print(f"loading {settings.default_model} (on a small CPU this takes about a minute)...", file=out, flush=True)
+    with i18n.using(terminal_locale(settings)):
+        print(_("loading %(model)s (on a small CPU this takes about a minute)...") % {"model": settings.default_model},
+              file=out, flush=True)
 
 
 def one_person(settings: Settings) -> Settings:

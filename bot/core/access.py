@@ -29,6 +29,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from bot.core.i18n import N_, _
+
 if TYPE_CHECKING:
     from bot.config import Settings
     from bot.core.messages import IncomingMessage
@@ -39,15 +41,15 @@ log = logging.getLogger(__name__)
 # ask their platform for it only then (Telegram: one getChatMember call).
 CHAT_ADMIN_COMMANDS = frozenset({"reset", "stop", "system", "persona"})
 
-SWITCH_ADMINS_ONLY = "Only admins can switch the model."
-SWITCH_NO_ADMINS = (SWITCH_ADMINS_ONLY + " No admins are configured, so switching from a chat is off. "
-                    "The bot's owner can allow it by adding ADMIN_USERS={user_id} (this is your user id) "
-                    "to the bot's .env and restarting it.")
-RESET_ADMINS_ONLY = ("In a shared chat only its administrators can /reset: it erases everyone's history "
-                     "here.")
-PROMPT_ADMINS_ONLY = ("In a shared chat only its administrators can change the system prompt or persona: "
-                      "it changes the bot for everyone here.")
-STOP_NOT_YOURS = "That reply answers someone else; only they or an administrator of this chat can /stop it."
+SWITCH_ADMINS_ONLY = N_("Only admins can switch the model.")
+SWITCH_NO_ADMINS = N_("Only admins can switch the model. No admins are configured, so switching from a chat is off. "
+                      "The bot's owner can allow it by adding ADMIN_USERS=%(user_id)s (this is your user id) "
+                      "to the bot's .env and restarting it.")
+RESET_ADMINS_ONLY = N_("In a shared chat only its administrators can /reset: it erases everyone's history "
+                       "here.")
+PROMPT_ADMINS_ONLY = N_("In a shared chat only its administrators can change the system prompt or persona: "
+                        "it changes the bot for everyone here.")
+STOP_NOT_YOURS = N_("That reply answers someone else; only they or an administrator of this chat can /stop it.")
 
 
 def id_set(values: Iterable[str]) -> frozenset[str]:
@@ -98,8 +100,8 @@ def switch_refusal(msg: IncomingMessage, settings: Settings) -> str | None:
     if msg.is_admin:
         return None
     if not id_set(settings.admin_users):
-        return SWITCH_NO_ADMINS.format(user_id=msg.user_id)
-    return SWITCH_ADMINS_ONLY
+        return _(SWITCH_NO_ADMINS) % {"user_id": msg.user_id}
+    return _(SWITCH_ADMINS_ONLY)
 
 
 def _moderator(msg: IncomingMessage) -> bool:
@@ -110,21 +112,21 @@ def reset_refusal(msg: IncomingMessage) -> str | None:
     """`/reset` in a shared chat erases everyone's history: its administrators and bot admins only."""
     if not msg.is_group or _moderator(msg):
         return None
-    return RESET_ADMINS_ONLY
+    return _(RESET_ADMINS_ONLY)
 
 
 def prompt_refusal(msg: IncomingMessage) -> str | None:
     """Changing a shared chat's system prompt changes the bot for everyone: moderators only."""
     if not msg.is_group or _moderator(msg):
         return None
-    return PROMPT_ADMINS_ONLY
+    return _(PROMPT_ADMINS_ONLY)
 
 
 def stop_refusal(msg: IncomingMessage) -> str | None:
     """`/stop` of a reply that answers someone else (the caller's own is always theirs to stop)."""
     if not msg.is_group or _moderator(msg):
         return None
-    return STOP_NOT_YOURS
+    return _(STOP_NOT_YOURS)
 
 
 def wants_chat_admin_fact(command: str | None) -> bool:

@@ -46,6 +46,7 @@ class IncomingMessage:
     is_chat_admin: bool = False  # the platform calls this person an administrator of this chat
     message_id: str = ""  # the platform's id of this message ("" when it has none: slash commands, terminal)
     edited: bool = False  # the person edited message `message_id` to `text` (it is not a new message)
+    locale: str = "en"  # the language to answer in (`bot.core.i18n.pick`: LANGUAGE, else the person's)
 
 
 class ReplySink(Protocol):

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 from bot.config import ModelProfile, Settings, build_hint
 from bot.core import access
+from bot.core.i18n import N_, _, using
 from bot.core.messages import IncomingMessage, MessageStatus, ReplySink, ReplyStatus
 from bot.core.personas import Persona, load_personas, persona_of
 from bot.core.prompt import MessageTooLong, Turn, build_prompt
@@ -23,36 +24,43 @@ from bot.storage.store import HistoryStore, StoredMessage
 log = logging.getLogger(__name__)
 
 MAX_MESSAGE_CHARS = 16_000  # refused before any tokenizing; the token budget is checked at start
-COMMANDS = {
-    "start": "say hello and show what I can do",
-    "help": "list the commands",
-    "reset": "forget this chat's history",
-    "model": "list models, or /model NAME to switch",
-    "stop": "stop your running or queued reply",
-    "system": "show the system prompt, /system TEXT to set it, /system reset",
-    "persona": "list personas, or /persona NAME to choose one",
-    "retry": "write the last reply again (a new sample)",
-    "stats": "what this chat has used (admins: the whole bot too)",
+COMMANDS = {  # name -> description (English; shown through `_`)
+    "start": N_("say hello and show what I can do"),
+    "help": N_("list the commands"),
+    "reset": N_("forget this chat's history"),
+    "model": N_("list models, or /model NAME to switch"),
+    "stop": N_("stop your running or queued reply"),
+    "system": N_("show the system prompt, /system TEXT to set it, /system reset"),
+    "persona": N_("list personas, or /persona NAME to choose one"),
+    "retry": N_("write the last reply again (a new sample)"),
+    "stats": N_("what this chat has used (admins: the whole bot too)"),
 }
 
-NOT_ALLOWED = "Sorry, you are not allowed to use this bot."
-EMPTY = "Your message is empty. Please send some text."
-BUSY = "I'm busy with other people's messages right now. Please try again in a minute."
-USER_BUSY = ("You already have a message waiting for an answer (here or in another chat). "
-             "Please wait for that answer, then send this one again.")
-FOLDED = "Added to your waiting message; I'll answer both together."
-TOO_LONG = "Your message is too long: {tokens} tokens, limit {limit}. Please shorten it."
-TOO_LONG_FOLDED = ("Your {count} waiting messages together are too long: {tokens} tokens, limit {limit}. "
-                   "None of them was answered; please send a shorter one.")
-SHUTTING_DOWN = "I'm restarting right now, so I couldn't take your message. Please send it again in a minute."
-NO_MODEL_NOW = "No model could be loaded at all right now; I keep retrying in the background."
-REQUEST_GONE = "Your message was removed before I could answer it."
+NOT_ALLOWED = N_("Sorry, you are not allowed to use this bot.")
+EMPTY = N_("Your message is empty. Please send some text.")
+BUSY = N_("I'm busy with other people's messages right now. Please try again in a minute.")
+USER_BUSY = N_("You already have a message waiting for an answer (here or in another chat). "
+               "Please wait for that answer, then send this one again.")
+FOLDED = N_("Added to your waiting message; I'll answer both together.")
+TOO_LONG = N_("Your message is too long: %(tokens)s tokens, limit %(limit)s. Please shorten it.")
+TOO_LONG_FOLDED = N_("Your %(count)s waiting messages together are too long: %(tokens)s tokens, limit %(limit)s. "
+                     "None of them was answered; please send a shorter one.")
+SHUTTING_DOWN = N_("I'm restarting right now, so I couldn't take your message. Please send it again in a minute.")
+NO_MODEL_NOW = N_("No model could be loaded at all right now; I keep retrying in the background.")
+REQUEST_GONE = N_("Your message was removed before I could answer it.")
+# bot/core/queue.py's texts for the people waiting (that file keeps them English): the same ids here put
+# them in the catalogue, so the reply shows them translated (tests/test_i18n.py checks they still match).
+QUEUE_TEXTS = (
+    N_("No model could be loaded right now, so I can't answer. I keep trying to load one; "
+       "please try again in a few minutes."),
+    N_("The bot is shutting down."),
+)
 MAX_SYSTEM_CHARS = 4000  # a longer system prompt would leave little of a small model's context
 RESET_WORD = "reset"
 RETRY_MIN_TEMPERATURE = 0.7  # a regenerated reply is sampled at least this warm, so that it differs
-NOTHING_TO_RETRY = "There is no reply here to write again yet."
-RETRY_WAIT = "I'm still working on a reply here; /retry once it is finished."
-SYSTEM_TOO_LONG = "That system prompt is too long: {length} characters, limit {limit}. Nothing was changed."
+NOTHING_TO_RETRY = N_("There is no reply here to write again yet.")
+RETRY_WAIT = N_("I'm still working on a reply here; /retry once it is finished.")
+SYSTEM_TOO_LONG = N_("That system prompt is too long: %(length)s characters, limit %(limit)s. Nothing was changed.")
 
 
 @dataclass
@@ -74,8 +82,9 @@ class _Record:
 
 
 def help_text(current_model: str) -> str:
-    lines = [f"/{name} - {what}" for name, what in COMMANDS.items()]
-    return "Send me a message and I'll answer.\n" + "\n".join(lines) + f"\nModel: {current_model}"
+    lines = [f"/{name} - {_(what)}" for name, what in COMMANDS.items()]
+    return (_("Send me a message and I'll answer.") + "\n" + "\n".join(lines) + "\n"
+            + _("Model: %(model)s") % {"model": current_model})
 
 
 def parse_command(text: str) -> tuple[str, str] | None:
@@ -152,11 +161,15 @@ class ChatService:
     # --- entry point -------------------------------------------------------------------------
     async def handle(self, msg: IncomingMessage, sink: ReplySink) -> None:
         """Answer one message: a command or a prompt. Returns when the reply is finished."""
+        with using(msg.locale):  # every text written for this message is in its language
+            await self._handle(msg, sink)
+
+    async def _handle(self, msg: IncomingMessage, sink: ReplySink) -> None:
         if msg.edited:
             await self._edit(msg, sink)
             return
         if not msg.is_allowed:
-            await sink.error(NOT_ALLOWED)
+            await sink.error(_(NOT_ALLOWED))
             return
         command = parse_command(msg.text.strip())
         if command is not None:
@@ -167,7 +180,7 @@ class ChatService:
     async def _command(self, msg: IncomingMessage, sink: ReplySink, name: str, arg: str) -> None:
         chat = await self.store.chat_id(msg.platform, msg.chat_id)
         if name == "start":
-            await sink.notice(f"Hello {msg.user_name}! " + help_text(self.current_model))
+            await sink.notice(_("Hello %(name)s!") % {"name": msg.user_name} + " " + help_text(self.current_model))
         elif name == "help":
             await sink.notice(help_text(self.current_model))
         elif name == "reset":
@@ -176,7 +189,7 @@ class ChatService:
                 return
             await self.queue.cancel(self._key(msg))
             await self.store.clear(chat)
-            await sink.notice("History cleared. Let's start over.")
+            await sink.notice(_("History cleared. Let's start over."))
         elif name == "stop":
             key = self._key(msg)
             stopped = await self.queue.cancel(key, user_key=self._user_key(msg))  # the caller's own first
@@ -185,8 +198,9 @@ class ChatService:
                     await sink.error(refusal)
                     return
                 stopped = await self.queue.cancel(key)
-            await sink.notice({"running": "Stopped your reply.", "queued": "Removed your waiting message.",
-                               None: "Nothing to stop."}[stopped])
+            said = {"running": N_("Stopped your reply."), "queued": N_("Removed your waiting message."),
+                    None: N_("Nothing to stop.")}
+            await sink.notice(_(said[stopped]))
         elif name == "model":
             await self._model_command(msg, sink, arg)
         elif name == "stats":
@@ -200,40 +214,46 @@ class ChatService:
         elif name == "persona":
             await self._persona_command(msg, sink, chat, arg)
         else:
-            await sink.notice(f"Unknown command /{name}.\n" + help_text(self.current_model))
+            await sink.notice(_("Unknown command /%(name)s.") % {"name": name} + "\n" + help_text(self.current_model))
 
     async def _model_command(self, msg: IncomingMessage, sink: ReplySink, arg: str) -> None:
         if not arg:
             lines = [f"{'* ' if n == self.current_model else '  '}{n}"
                      + (f" - {p.description}" if p.description else "")
-                     + ("" if n == self.current_model or self.settings.profile_ready(p) else " (not ready)")
+                     + ("" if n == self.current_model or self.settings.profile_ready(p) else " " + _("(not ready)"))
                      for n, p in self.settings.profiles.items()]
             if msg.is_admin and (kernels := getattr(self.queue.engine, "kernel_summary", None)):
-                lines.append(f"Running: {kernels}")  # what the model runs on (bot/engines/kernel_report.py)
-            await sink.notice("Models (* = current):\n" + "\n".join(lines) + "\nSwitch with /model NAME")
+                # what the model runs on (bot/engines/kernel_report.py)
+                lines.append(_("Running: %(kernels)s") % {"kernels": kernels})
+            await sink.notice(_("Models (* = current):") + "\n" + "\n".join(lines) + "\n"
+                              + _("Switch with /model NAME"))
             return
         if refusal := access.switch_refusal(msg, self.settings):
             await sink.error(refusal)
             return
         if arg not in self.settings.profiles:
-            await sink.error(f"Unknown model {arg!r}. Available: {', '.join(self.model_names())}")
+            await sink.error(_("Unknown model %(name)s. Available: %(names)s")
+                             % {"name": repr(arg), "names": ", ".join(self.model_names())})
             return
         if arg == self.current_model:
-            await sink.notice(f"Already using {arg}.")
+            await sink.notice(_("Already using %(model)s.") % {"model": arg})
             return
         if not self.settings.profile_ready(self.settings.profiles[arg]):
-            await sink.error(f"{arg} is not ready: {build_hint(self.settings.profiles[arg])}")
+            await sink.error(_("%(model)s is not ready: %(hint)s") % {"model": arg,
+                                                                     "hint": build_hint(self.settings.profiles[arg])})
             return
         try:
             now = await self.queue.switch_model(arg, user_key=self._user_key(msg))
         except UserBusy:
-            await sink.error(USER_BUSY)
+            await sink.error(_(USER_BUSY))
             return
         except BotError as exc:
-            state = f"Still using {self.current_model}." if self.current_model else NO_MODEL_NOW
-            await sink.error(f"Could not load {arg}: {exc}. {state}")
+            state = (_("Still using %(model)s.") % {"model": self.current_model} if self.current_model
+                     else _(NO_MODEL_NOW))
+            await sink.error(_("Could not load %(model)s: %(error)s.") % {"model": arg, "error": _(str(exc))}
+                             + " " + state)
             return
-        await sink.notice(f"Switched to {now}.")
+        await sink.notice(_("Switched to %(model)s.") % {"model": now})
 
     async def _latest_request(self, chat: int) -> tuple[list[StoredMessage], int | None]:
         """The chat's latest request (the user messages its last reply answered) and that reply's row.
@@ -276,24 +296,25 @@ class ChatService:
         if not arg:
             own = await self.store.system_prompt(chat)
             if own is None:
-                await sink.notice(f"System prompt (the default):\n{self.settings.system_prompt}")
+                await sink.notice(_("System prompt (the default):") + f"\n{self.settings.system_prompt}")
             else:
                 chosen = persona_of(self.personas, own)
-                label = f"persona {chosen}" if chosen else "set for this chat"
-                await sink.notice(f"System prompt ({label}):\n{own}\n\n/system reset returns to the default.")
+                label = (_("System prompt (persona %(name)s):") % {"name": chosen} if chosen
+                         else _("System prompt (set for this chat):"))
+                await sink.notice(f"{label}\n{own}\n\n" + _("/system reset returns to the default."))
             return
         if refusal := access.prompt_refusal(msg):
             await sink.error(refusal)
             return
         if arg.lower() == RESET_WORD:
             await self.store.set_system_prompt(chat, None)
-            await sink.notice("System prompt reset to the default.")
+            await sink.notice(_("System prompt reset to the default."))
             return
         if len(arg) > MAX_SYSTEM_CHARS:
-            await sink.error(SYSTEM_TOO_LONG.format(length=len(arg), limit=MAX_SYSTEM_CHARS))
+            await sink.error(_(SYSTEM_TOO_LONG) % {"length": len(arg), "limit": MAX_SYSTEM_CHARS})
             return
         await self.store.set_system_prompt(chat, arg)
-        await sink.notice("System prompt set for this chat. It applies from the next reply on.")
+        await sink.notice(_("System prompt set for this chat. It applies from the next reply on."))
 
     async def _persona_command(self, msg: IncomingMessage, sink: ReplySink, chat: int, arg: str) -> None:
         """`/persona` lists the presets (current one marked); `/persona NAME` stores its prompt."""
@@ -301,17 +322,19 @@ class ChatService:
             current = persona_of(self.personas, await self.store.system_prompt(chat))
             lines = [f"{'* ' if p.name == current else '  '}{p.name}"
                      + (f" - {p.description}" if p.description else "") for p in self.personas.values()]
-            await sink.notice("Personas (* = current):\n" + "\n".join(lines) + "\nChoose with /persona NAME")
+            await sink.notice(_("Personas (* = current):") + "\n" + "\n".join(lines) + "\n"
+                              + _("Choose with /persona NAME"))
             return
         if refusal := access.prompt_refusal(msg):
             await sink.error(refusal)
             return
         persona = self.personas.get(arg.strip().lower())
         if persona is None:
-            await sink.error(f"Unknown persona {arg!r}. Available: {', '.join(self.personas)}")
+            await sink.error(_("Unknown persona %(name)s. Available: %(names)s")
+                             % {"name": repr(arg), "names": ", ".join(self.personas)})
             return
         await self.store.set_system_prompt(chat, persona.prompt)
-        await sink.notice(f"Persona {persona.name} chosen for this chat.")
+        await sink.notice(_("Persona %(name)s chosen for this chat.") % {"name": persona.name})
 
     # --- prompts -----------------------------------------------------------------------------
     @staticmethod
@@ -325,13 +348,14 @@ class ChatService:
     async def _prompt(self, msg: IncomingMessage, sink: ReplySink) -> None:
         text = msg.text.strip()
         if not text:
-            await sink.error(EMPTY)
+            await sink.error(_(EMPTY))
             return
         chat = await self.store.chat_id(msg.platform, msg.chat_id)
         author = {"user_id": msg.user_id, "author_name": msg.user_name, "external_id": msg.message_id}
         if len(text) > MAX_MESSAGE_CHARS:
             await self.store.add(chat, "user", text, MessageStatus.REJECTED, **author)
-            await sink.error(f"Your message is too long: {len(text)} characters, limit {MAX_MESSAGE_CHARS}.")
+            await sink.error(_("Your message is too long: %(length)s characters, limit %(limit)s.")
+                             % {"length": len(text), "limit": MAX_MESSAGE_CHARS})
             return
         key = self._key(msg)
         user_row = await self.store.add(chat, "user", text, **author)
@@ -339,7 +363,7 @@ class ChatService:
         if waiting is not None and self.queue.has_waiting(key):
             waiting.user_rows.append(user_row)
             waiting.askers.add(self._user_key(msg))  # their message is in it: theirs to /stop too
-            await sink.notice(FOLDED)
+            await sink.notice(_(FOLDED))
             return
         record = _Record(chat, key, [user_row], is_group=msg.is_group)
         await self._submit(msg, sink, record, reject_on_refusal=True)
@@ -347,7 +371,8 @@ class ChatService:
     async def _submit(self, msg: IncomingMessage, sink: ReplySink, record: _Record, *,
                       reject_on_refusal: bool) -> None:
         """Queue the reply `record` describes and relay it to `sink`; a refusal is said politely."""
-        job = Job(record.key, prepare=lambda engine: self._prepare(engine, record),
+        locale = msg.locale  # `prepare` runs in the queue's worker, outside this message's `using`
+        job = Job(record.key, prepare=lambda engine: self._prepare(engine, record, locale),
                   on_finish=lambda result: self._store_reply(record, result),
                   user_key=self._user_key(msg), askers=record.askers,
                   on_progress=lambda partial: self._save_partial(record, partial))
@@ -356,7 +381,7 @@ class ChatService:
         except (QueueFull, UserBusy, QueueClosed) as exc:
             if reject_on_refusal:
                 await self.store.set_status(record.user_rows, MessageStatus.REJECTED)
-            await sink.error({UserBusy: USER_BUSY, QueueClosed: SHUTTING_DOWN}.get(type(exc), BUSY))
+            await sink.error(_({UserBusy: USER_BUSY, QueueClosed: SHUTTING_DOWN}.get(type(exc), BUSY)))
             return
         self._waiting_records[record.key] = record
         await self._relay(job, sink)
@@ -367,20 +392,25 @@ class ChatService:
         key = self._key(msg)
         request, old = await self._latest_request(chat)
         if self.queue.is_running(key) or self.queue.has_waiting(key):  # checked after the read: no await until submit
-            await sink.error(RETRY_WAIT)
+            await sink.error(_(RETRY_WAIT))
             return
         if not request:
-            await sink.error(NOTHING_TO_RETRY)
+            await sink.error(_(NOTHING_TO_RETRY))
             return
         record = _Record(chat, key, [r.id for r in request], is_group=msg.is_group, supersedes=old)
         await self._submit(msg, sink, record, reject_on_refusal=False)
 
-    async def _prepare(self, engine: Engine, record: _Record) -> tuple[list[ChatMessage], GenerationParams]:
+    async def _prepare(self, engine: Engine, record: _Record,
+                       locale: str) -> tuple[list[ChatMessage], GenerationParams]:
         """Runs when the reply starts: prompt from the history as it is now, then a `pending` row.
 
         A request that does not fit is refused as a whole: the message and everything folded into
         it become `rejected`, so they never enter a later prompt and the chat keeps working.
         """
+        with using(locale):  # its refusals reach the asker as the reply's error
+            return await self._prepare_in(engine, record)
+
+    async def _prepare_in(self, engine: Engine, record: _Record) -> tuple[list[ChatMessage], GenerationParams]:
         if self._waiting_records.get(record.key) is record:
             del self._waiting_records[record.key]  # later messages queue a new reply instead of folding
         self.stats.waited(time.monotonic() - record.submitted_at)
@@ -394,7 +424,7 @@ class ChatService:
         mine = set(record.user_rows)
         request = [Turn(r.role, r.content, r.author_name or r.user_id) for r in rows if r.id in mine]
         if not request:
-            raise BotError(REQUEST_GONE)
+            raise BotError(_(REQUEST_GONE))
         # Not history: user messages sent after this request (a later reply answers them). The previous
         # reply's row may be newer than this request's messages: it was created when that reply started.
         history = [Turn(r.role, r.content, r.author_name or r.user_id) for r in rows
@@ -414,7 +444,7 @@ class ChatService:
         except MessageTooLong as exc:
             await self.store.set_status(record.user_rows, MessageStatus.REJECTED)
             template = TOO_LONG_FOLDED if len(request) > 1 else TOO_LONG
-            raise BotError(template.format(count=len(request), tokens=exc.tokens, limit=exc.limit)) from None
+            raise BotError(_(template) % {"count": len(request), "tokens": exc.tokens, "limit": exc.limit}) from None
         if tokens_in:
             await self.store.set_token_counts(tokens_in)  # "tokens in" of /stats
         record.reply_row = await self.store.add(record.chat, "assistant", "", MessageStatus.PENDING,
@@ -463,15 +493,15 @@ class ChatService:
     async def _deliver_end(self, sink: ReplySink, event: Event) -> None:
         status = event.status or ReplyStatus.FAILED
         if status == ReplyStatus.COMPLETE:
-            final = event.text if event.text.strip() else "(the model gave an empty reply)"
+            final = event.text if event.text.strip() else _("(the model gave an empty reply)")
             await self._safe(sink.finish(final, status))
         elif status == ReplyStatus.CANCELLED:
-            note = event.error or "(stopped)"
+            note = _(event.error or N_("(stopped)"))
             await self._safe(sink.finish(f"{event.text}\n\n{note}" if event.text else note, status))
         elif event.text:
-            await self._safe(sink.finish(f"{event.text}\n\n{event.error}", status))
+            await self._safe(sink.finish(f"{event.text}\n\n{_(event.error or '')}", status))
         else:
-            await self._safe(sink.error(event.error or "Sorry, something went wrong."))
+            await self._safe(sink.error(_(event.error or N_("Sorry, something went wrong."))))
 
     @staticmethod
     async def _safe(call: object) -> None:

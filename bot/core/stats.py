@@ -12,9 +12,16 @@ from collections import Counter, deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
+from bot.core.i18n import N_, _
 from bot.core.messages import MessageStatus
 
 WAIT_SAMPLES = 10_000  # newest queue waits kept for the percentiles
+STATUS_WORDS = {  # how /stats names the replies' statuses
+    MessageStatus.COMPLETE: N_("complete"), MessageStatus.CANCELLED: N_("cancelled"),
+    MessageStatus.FAILED: N_("failed"), MessageStatus.INCOMPLETE: N_("incomplete"),
+    MessageStatus.PENDING: N_("pending"), MessageStatus.REJECTED: N_("rejected"),
+    MessageStatus.SUPERSEDED: N_("superseded"),
+}
 
 
 @dataclass(frozen=True)
@@ -64,33 +71,42 @@ class BotStats:
 
 
 def _speed(tokens_per_s: float | None) -> str:
-    return f"{tokens_per_s:.1f} tokens/s" if tokens_per_s else "not measured yet"
+    return _("%(speed).1f tokens/s") % {"speed": tokens_per_s} if tokens_per_s else _("not measured yet")
 
 
 def chat_text(usage: ChatUsage) -> str:
-    return ("This chat:\n"
-            f"  messages: {usage.user_messages} from people, {usage.replies} replies\n"
-            f"  tokens: {usage.tokens_in} in, {usage.tokens_out} out\n"
-            f"  average speed: {_speed(usage.tokens_per_s)}")
+    return (_("This chat:") + "\n  "
+            + _("messages: %(people)s from people, %(replies)s replies")
+            % {"people": usage.user_messages, "replies": usage.replies} + "\n  "
+            + _("tokens: %(tokens_in)s in, %(tokens_out)s out") % {"tokens_in": usage.tokens_in,
+                                                                  "tokens_out": usage.tokens_out} + "\n  "
+            + _("average speed: %(speed)s") % {"speed": _speed(usage.tokens_per_s)})
 
 
 def bot_text(stats: BotStats, model: str) -> str:
     uptime = time.monotonic() - stats.started
-    statuses = ", ".join(f"{n} {s}" for s, n in sorted(stats.by_status.items())) or "none yet"
+    statuses = ", ".join(f"{n} {_(STATUS_WORDS.get(MessageStatus(s), s))}" for s, n in sorted(stats.by_status.items()))
+    statuses = statuses or _("none yet")
     p50, p95 = percentile(stats.waits, 0.5), percentile(stats.waits, 0.95)
-    waits = f"p50 {p50:.1f} s, p95 {p95:.1f} s" if p50 is not None and p95 is not None else "no requests yet"
+    waits = (_("p50 %(p50).1f s, p95 %(p95).1f s") % {"p50": p50, "p95": p95} if p50 is not None and p95 is not None
+             else _("no requests yet"))
     speed = stats.tokens_out / stats.generation_s if stats.generation_s else None
-    return (f"The bot since it started {_duration(uptime)} ago:\n"
-            f"  replies: {statuses}\n"
-            f"  queue wait: {waits}\n"
-            f"  tokens: {stats.tokens_in} in, {stats.tokens_out} out; speed {_speed(speed)}\n"
-            f"  model: {model or 'none loaded'}")
+    return (_("The bot since it started %(uptime)s ago:") % {"uptime": _duration(uptime)} + "\n  "
+            + _("replies: %(statuses)s") % {"statuses": statuses} + "\n  "
+            + _("queue wait: %(waits)s") % {"waits": waits} + "\n  "
+            + _("tokens: %(tokens_in)s in, %(tokens_out)s out; speed %(speed)s")
+            % {"tokens_in": stats.tokens_in, "tokens_out": stats.tokens_out, "speed": _speed(speed)} + "\n  "
+            + _("model: %(model)s") % {"model": model or _("none loaded")})
 
 
 def _duration(seconds: float) -> str:
     minutes, secs = divmod(int(seconds), 60)
     hours, minutes = divmod(minutes, 60)
-    return f"{hours} h {minutes} min" if hours else f"{minutes} min {secs} s" if minutes else f"{secs} s"
+    if hours:
+        return _("%(hours)s h %(minutes)s min") % {"hours": hours, "minutes": minutes}
+    if minutes:
+        return _("%(minutes)s min %(seconds)s s") % {"minutes": minutes, "seconds": secs}
+    return _("%(seconds)s s") % {"seconds": secs}
 
 
 def usage_of(rows: Iterable[tuple[str, str, int | None, float | None]]) -> ChatUsage:

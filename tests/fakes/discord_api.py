@@ -33,6 +33,10 @@ from aiohttp import WSMsgType, web
 
 DISCORD_EPOCH_MS = 1420070400000
 MAX_CONTENT = 2000
+# The locales Discord accepts (interaction `locale`, a guild's `preferred_locale`, command `*_localizations` keys).
+LOCALES = frozenset({"id", "da", "de", "en-GB", "en-US", "es-ES", "es-419", "fr", "hr", "it", "lt", "hu", "nl", "no",
+                     "pl", "pt-BR", "ro", "fi", "sv-SE", "vi", "tr", "cs", "el", "bg", "ru", "uk", "hi", "th",
+                     "zh-CN", "ja", "zh-TW", "ko"})
 HEARTBEAT_INTERVAL_MS = 41250
 INTENT_MESSAGE_CONTENT = 1 << 15
 INTENT_GUILD_MEMBERS = 1 << 1
@@ -125,6 +129,7 @@ class FakeDiscord:
         self.users: dict[str, Json] = {self.app_id: self.bot_user, self.owner["id"]: self.owner}
         self.messages: dict[str, dict[str, Json]] = {}  # channel -> id -> message (latest state)
         self.commands: dict[str | None, list[Json]] = {}  # guild id (None = global) -> commands
+        self.locales: dict[str, str] = {}  # user id -> their client's locale (interactions carry it; default en-US)
         self.command_puts: list[tuple[str | None, list[Json]]] = []
         self.interactions: dict[str, FakeInteraction] = {}
         self.calls: list[Call] = []
@@ -149,8 +154,10 @@ class FakeDiscord:
         return user
 
     def add_guild(self, name: str = "Test guild", *, roles: list[str] = (),  # type: ignore[assignment]
-                  permissions: dict[str, int] | None = None) -> Json:
+                  permissions: dict[str, int] | None = None, preferred_locale: str = "en-US") -> Json:
         """A server; `roles` are role names, `permissions` gives some of them permission bits."""
+        if preferred_locale not in LOCALES:
+            raise ValueError(f"Discord has no locale {preferred_locale!r}")
         gid = snowflake()
         role_list = [{"id": gid, "name": "@everyone", "permissions": str(EVERYONE_PERMISSIONS), "position": 0,
                       "color": 0, "hoist": False, "managed": False, "mentionable": False, "flags": 0}]
@@ -165,7 +172,7 @@ class FakeDiscord:
                  "threads": [], "members": [], "member_count": 1, "features": [], "emojis": [], "stickers": [],
                  "icon": None, "large": False, "unavailable": False, "joined_at": _now_iso(),
                  "verification_level": 0, "default_message_notifications": 0, "explicit_content_filter": 0,
-                 "mfa_level": 0, "premium_tier": 0, "preferred_locale": "en-US", "nsfw_level": 0,
+                 "mfa_level": 0, "premium_tier": 0, "preferred_locale": preferred_locale, "nsfw_level": 0,
                  "system_channel_flags": 0, "voice_states": [], "presences": [], "stage_instances": [],
                  "guild_scheduled_events": [], "soundboard_sounds": []}
         self.guilds[gid] = guild
@@ -504,7 +511,8 @@ class FakeDiscord:
         """INTERACTION_CREATE as Discord sends it: who, where (member in guilds, user in DMs), what."""
         guild_id = channel.get("guild_id")
         payload: Json = {"id": inter.id, "application_id": self.app_id, "type": inter.kind, "data": data,
-                         "token": inter.token, "version": 1, "locale": "en-US", "app_permissions": "1071698660929",
+                         "token": inter.token, "version": 1, "locale": self.locales.get(user["id"], "en-US"),
+                         "app_permissions": "1071698660929",
                          "attachment_size_limit": 10485760, "entitlements": [], "authorizing_integration_owners":
                          {"0": guild_id} if guild_id else {"1": user["id"]},
                          "context": 0 if guild_id else 1,
@@ -514,7 +522,7 @@ class FakeDiscord:
         if guild_id:
             member = self.members[(guild_id, user["id"])]
             payload["guild_id"] = guild_id
-            payload["guild_locale"] = "en-US"
+            payload["guild_locale"] = self.guilds[guild_id]["preferred_locale"]
             payload["member"] = member | {"permissions": str(self.member_permissions(guild_id, user["id"]))}
         else:
             payload["user"] = user
@@ -659,6 +667,21 @@ class FakeDiscord:
             raise _ApiError(400, 50006, "Cannot send an empty message")
         return content
 
+    def set_locale(self, user: Json, locale: str) -> None:
+        """The person's Discord client is in `locale`: their interactions carry it."""
+        if locale not in LOCALES:
+            raise ValueError(f"Discord has no locale {locale!r}")
+        self.locales[user["id"]] = locale
+
+    @staticmethod
+    def _check_localizations(item: Json, name_pattern: str) -> None:
+        """`name_localizations` / `description_localizations`: Discord locales to a valid name / 1-100 characters."""
+        for key, ok in (("name_localizations", lambda v: re.fullmatch(name_pattern, v) is not None),
+                        ("description_localizations", lambda v: 1 <= len(v) <= 100)):
+            for locale, value in (item.get(key) or {}).items():
+                if locale not in LOCALES or not isinstance(value, str) or not ok(value):
+                    raise _ApiError(400, 50035, "Invalid Form Body", errors={key: {locale: value}})
+
     def _commands(self, method: str, app_id: str, guild_id: str | None, body: Any) -> tuple[int, Any]:
         if app_id != self.app_id:
             raise _ApiError(403, 50001, "Missing Access")
@@ -673,13 +696,17 @@ class FakeDiscord:
             name, desc = cmd.get("name", ""), cmd.get("description", "")
             if not re.fullmatch(r"[-_\w]{1,32}", name) or name != name.lower() or not 1 <= len(desc) <= 100:
                 raise _ApiError(400, 50035, "Invalid Form Body", errors={"name": name})
+            self._check_localizations(cmd, r"[-_\w]{1,32}")
             for opt in cmd.get("options", []):
+                self._check_localizations(opt, r"[-_\w]{1,32}")
                 if opt.get("autocomplete") and opt.get("choices"):
                     raise _ApiError(400, 50035, "Invalid Form Body", errors={"options": "autocomplete with choices"})
             old = next((c for c in self.commands.get(guild_id, []) if c["name"] == name), None)
             registered.append({"id": old["id"] if old else snowflake(), "application_id": self.app_id,
                                "version": snowflake(), "type": cmd.get("type", 1), "name": name,
                                "description": desc, "options": cmd.get("options", []),
+                               "name_localizations": cmd.get("name_localizations"),
+                               "description_localizations": cmd.get("description_localizations"),
                                "default_member_permissions": cmd.get("default_member_permissions"),
                                "dm_permission": cmd.get("dm_permission", True), "nsfw": cmd.get("nsfw", False),
                                **({"guild_id": guild_id} if guild_id else {})})

@@ -199,7 +199,10 @@ class FakeTelegram:
         self.updates: list[dict[str, Any]] = []
         self.allowed_updates: list[str] | None = None  # as the bot last set it in getUpdates
         self.messages: dict[tuple[int, int], FakeMessage] = {}
-        self.commands: list[dict[str, Any]] = []
+        self.languages: dict[int, str] = {}  # user id -> language_code their updates carry (set_language)
+        self.commands: list[dict[str, Any]] = []  # the default scope's list for no particular language
+        # (scope type, language_code) -> that list; "" is the list for every language without its own
+        self.command_lists: dict[tuple[str, str], list[dict[str, Any]]] = {}
         self._update_ids = itertools.count(1)
         self._message_ids: dict[int, itertools.count[int]] = {}
         self._new_update = asyncio.Condition()
@@ -309,7 +312,14 @@ class FakeTelegram:
         return update
 
     def _user(self, user_id: int, name: str) -> dict[str, Any]:
-        return {"id": user_id, "is_bot": False, "first_name": name, "username": name.lower()}
+        user = {"id": user_id, "is_bot": False, "first_name": name, "username": name.lower()}
+        if language := self.languages.get(user_id):  # the IETF tag of the person's app language (optional)
+            user["language_code"] = language
+        return user
+
+    def set_language(self, user_id: int, language_code: str) -> None:
+        """The person's Telegram app is in this language: their updates carry it as `from.language_code`."""
+        self.languages[user_id] = language_code
 
     async def user_says(self, text: str, *, user_id: int = 1001, name: str = "Alice",
                         chat: dict[str, Any] | None = None, reply_to: int | None = None,
@@ -546,16 +556,29 @@ class FakeTelegram:
                 except TimeoutError:
                     return []
 
+    @staticmethod
+    def _command_list_key(params: dict[str, Any]) -> tuple[str, str]:
+        """setMyCommands/getMyCommands: `scope` (default: BotCommandScopeDefault) and `language_code`
+        (a two-letter ISO 639-1 code, or empty for every language without a list of its own)."""
+        scope = (params.get("scope") or {}).get("type", "default")
+        language = params.get("language_code") or ""
+        if language and not re.fullmatch(r"[a-z]{2}", language):
+            raise bad_request("LANG_CODE_INVALID")  # (the wording is a guess; the API only documents the format)
+        return scope, language
+
     async def _m_setmycommands(self, params: dict[str, Any]) -> Any:
         commands = params.get("commands") or []
         for c in commands:
             if not re.fullmatch(r"[a-z0-9_]{1,32}", c.get("command", "")) or not 1 <= len(c.get("description", "")) <= 256:
                 raise bad_request("BOT_COMMAND_INVALID")
-        self.commands = commands
+        key = self._command_list_key(params)
+        self.command_lists[key] = commands
+        if key == ("default", ""):
+            self.commands = commands
         return True
 
     async def _m_getmycommands(self, params: dict[str, Any]) -> Any:
-        return self.commands
+        return self.command_lists.get(self._command_list_key(params), [])
 
     async def _m_sendchataction(self, params: dict[str, Any]) -> Any:
         self._chat(params.get("chat_id"))

@@ -26,14 +26,16 @@ from discord import app_commands
 from bot.adapters.delivery import TEXT_ONLY, handle_reply, not_read_note, started
 from bot.adapters.regenerate import BUTTON_ID, BUTTON_LABEL, RETRY_COMMAND, STALE, LatestReplies, strip
 from bot.adapters.discord.access import judge, manages_messages
-from bot.adapters.discord.commands import build_tree
+from bot.adapters.discord.commands import CatalogueTranslator, build_tree, locale_of
 from bot.adapters.discord.ops import INTERACTION_TOKEN_TTL_S, ChannelOps, InteractionOps, Sent
 from bot.adapters.discord.sink import DiscordSink
 from bot.adapters.streaming import Pacer, StreamingMessage
 from bot.config import Settings
+from bot.core import i18n
 from bot.core.access import AccessPolicy
+from bot.core.i18n import N_, _
 from bot.core.messages import IncomingMessage
-from bot.core.service import ChatService
+from bot.core.service import NOT_ALLOWED, ChatService
 from bot.errors import BotError
 
 log = logging.getLogger(__name__)
@@ -50,14 +52,17 @@ PERMANENT_CLOSE_CODES = {4004, 4010, 4011, 4012, 4013}
 REFUSAL_COOLDOWN_S = 3600.0  # a refused person is told "not allowed" (mentions, DMs) at most once per this long
 
 PLATFORM = "discord"
-REGENERATE_BUTTONS = ((BUTTON_ID, BUTTON_LABEL),)  # under each finished reply (see bot.adapters.regenerate)
-NOT_HERE = "Sorry, I don't answer in this channel."
-NOT_ALLOWED = "Sorry, you are not allowed to use this bot."
-SOMETHING_WRONG = "Sorry, something went wrong. Please try again."
+NOT_HERE = N_("Sorry, I don't answer in this channel.")
+SOMETHING_WRONG = N_("Sorry, something went wrong. Please try again.")
 MESSAGE_CONTENT_HELP = (
     "Discord refused the MESSAGE_CONTENT intent. Enable it in the Developer Portal (your application -> "
     "Bot -> Privileged Gateway Intents -> Message Content Intent). Continuing without it: slash commands, "
     "DMs and @mentions work; replies to the bot that do not mention it are not seen.")
+
+
+def regenerate_buttons() -> tuple[tuple[str, str], ...]:
+    """Under each finished reply (see bot.adapters.regenerate), labelled in the reader's language."""
+    return ((BUTTON_ID, _(BUTTON_LABEL)),)
 
 
 def build_intents(message_content: bool) -> discord.Intents:
@@ -208,7 +213,7 @@ class DiscordAdapter:
         self._stopping = True
         pending = [t for t in self._in_flight if not t.done()]
         if pending:
-            _, still = await asyncio.wait(pending, timeout=self.stop_grace_s)
+            _done, still = await asyncio.wait(pending, timeout=self.stop_grace_s)
             for task in still:  # each shows what it had, with a note, before the client goes
                 task.cancel()
             if still:
@@ -224,7 +229,9 @@ class DiscordAdapter:
                 pass
 
     async def sync_commands(self, tree: app_commands.CommandTree) -> None:
-        """Register the slash commands: in DISCORD_GUILD_IDS at once, else globally (takes a while)."""
+        """Register the slash commands, described in every language we have (Discord shows each client
+        its own): in DISCORD_GUILD_IDS at once, else globally (takes a while)."""
+        await tree.set_translator(CatalogueTranslator(self.settings.language))
         try:
             if self.settings.discord_guild_ids:
                 for guild_id in self.settings.discord_guild_ids:
@@ -257,11 +264,15 @@ class DiscordAdapter:
     # --- slash commands ----------------------------------------------------------------------
     async def run_interaction(self, interaction: discord.Interaction, text: str, *, private: bool) -> None:
         """Acknowledge at once (deferred), then let the service answer by editing the response."""
+        with i18n.using(locale_of(interaction, self.settings.language)):
+            await self._run_interaction(interaction, text, private=private)
+
+    async def _run_interaction(self, interaction: discord.Interaction, text: str, *, private: bool) -> None:
         in_guild = interaction.guild_id is not None
         assert self.client is not None
         access = await judge(self.policy, self.client, interaction.user, interaction.channel, in_guild)
         if not access.place_ok:
-            await interaction.response.send_message(NOT_HERE, ephemeral=True)
+            await interaction.response.send_message(_(NOT_HERE), ephemeral=True)
             return
         ephemeral = private or not access.allowed
         try:
@@ -273,29 +284,34 @@ class DiscordAdapter:
         ops = InteractionOps(interaction, ephemeral=ephemeral, token_ttl_s=self.token_ttl_s)
         pacer = Pacer(self.settings.discord_edit_interval_s) if ephemeral else self._pacer(interaction.channel_id or 0)
         sink = DiscordSink(StreamingMessage(ops, pacer, self.settings.delivery_retry_s),
-                           reply_buttons=None if ephemeral else REGENERATE_BUTTONS)
+                           reply_buttons=None if ephemeral else regenerate_buttons())
         user = interaction.user
         msg = IncomingMessage(platform=PLATFORM, chat_id=str(interaction.channel_id), user_id=str(user.id),
                               user_name=user.display_name, text=text, is_allowed=access.allowed,
                               is_admin=access.admin, is_group=in_guild,
-                              is_chat_admin=in_guild and interaction.permissions.manage_messages)
+                              is_chat_admin=in_guild and interaction.permissions.manage_messages,
+                              locale=i18n.current())
         await self._handle(msg, sink)
 
     async def regenerate(self, interaction: discord.Interaction) -> None:
         """The Regenerate button: `/retry`, streamed into the reply it is under (edited in place)."""
+        with i18n.using(locale_of(interaction, self.settings.language)):
+            await self._regenerate(interaction)
+
+    async def _regenerate(self, interaction: discord.Interaction) -> None:
         assert self.client is not None
         in_guild = interaction.guild_id is not None
         access = await judge(self.policy, self.client, interaction.user, interaction.channel, in_guild)
         key = str(interaction.channel_id)
         pressed = interaction.message
         if not access.place_ok or not access.allowed or pressed is None:
-            await self._say_privately(interaction, NOT_HERE if not access.place_ok else NOT_ALLOWED)
+            await self._say_privately(interaction, _(NOT_HERE if not access.place_ok else NOT_ALLOWED))
             return
         ops = InteractionOps(interaction, token_ttl_s=self.token_ttl_s)
         sink = DiscordSink(StreamingMessage(ops, self._pacer(interaction.channel_id or 0),
-                                            self.settings.delivery_retry_s), reply_buttons=REGENERATE_BUTTONS)
+                                            self.settings.delivery_retry_s), reply_buttons=regenerate_buttons())
         if self._latest.is_stale(key, pressed.id):
-            await self._say_privately(interaction, STALE)
+            await self._say_privately(interaction, _(STALE))
             await strip(sink, pressed.id)
             return
         try:
@@ -311,7 +327,8 @@ class DiscordAdapter:
         msg = IncomingMessage(platform=PLATFORM, chat_id=key, user_id=str(interaction.user.id),
                               user_name=interaction.user.display_name, text=RETRY_COMMAND, is_allowed=True,
                               is_admin=access.admin, is_group=in_guild,
-                              is_chat_admin=in_guild and interaction.permissions.manage_messages)
+                              is_chat_admin=in_guild and interaction.permissions.manage_messages,
+                              locale=i18n.current())
         await self._handle(msg, sink)
 
     @staticmethod
@@ -323,11 +340,13 @@ class DiscordAdapter:
 
     async def command_failed(self, interaction: discord.Interaction, error: app_commands.AppCommandError) -> None:
         log.error("Discord: slash command failed: %s", error, exc_info=error)
+        with i18n.using(locale_of(interaction, self.settings.language)):
+            text = _(SOMETHING_WRONG)
         try:
             if interaction.response.is_done():
-                await interaction.followup.send(SOMETHING_WRONG, ephemeral=True)
+                await interaction.followup.send(text, ephemeral=True)
             else:
-                await interaction.response.send_message(SOMETHING_WRONG, ephemeral=True)
+                await interaction.response.send_message(text, ephemeral=True)
         except discord.HTTPException:
             pass
 
@@ -361,7 +380,13 @@ class DiscordAdapter:
 
         `edited`: the person changed the message; if the channel's latest reply answered it, that
         reply is rewritten in place (the service decides; most edits only change the stored text).
+        A message carries no locale: the guild's preferred one is used (DMs: English), or LANGUAGE.
         """
+        guild_locale = message.guild.preferred_locale.value if message.guild else None
+        with i18n.using(i18n.pick(self.settings.language, guild_locale)):
+            await self._on_message(message, edited=edited)
+
+    async def _on_message(self, message: discord.Message, *, edited: bool) -> None:
         if message.author.bot or message.type not in (discord.MessageType.default, discord.MessageType.reply):
             return
         if not self._addressed(message):
@@ -392,14 +417,14 @@ class DiscordAdapter:
                 pass
 
         stream = StreamingMessage(ChannelOps(message), self._pacer(message.channel.id), self.settings.delivery_retry_s)
-        sink = DiscordSink(stream, on_started=typing, reply_buttons=REGENERATE_BUTTONS)
+        sink = DiscordSink(stream, on_started=typing, reply_buttons=regenerate_buttons())
         unread = [a.filename for a in message.attachments] + [s.name for s in message.stickers]
         if edited:
             sink.replace_messages([Sent(message.channel.get_partial_message(int(i)), via_token=False)  # type: ignore[union-attr]
                                    for i in self._latest.messages(str(message.channel.id)) or []])
         elif unread and access.allowed:
             if not text:  # nothing but files or stickers: the same note as on Telegram, nothing stored
-                await sink.notice(TEXT_ONLY)
+                await sink.notice(_(TEXT_ONLY))
                 await sink.close()
                 return
             sink.footer = not_read_note(unread)
@@ -407,5 +432,5 @@ class DiscordAdapter:
                               user_name=message.author.display_name, text=text, is_allowed=access.allowed,
                               is_admin=access.admin, is_group=in_guild,
                               is_chat_admin=manages_messages(message.channel, message.author),
-                              message_id=str(message.id), edited=edited)
+                              message_id=str(message.id), edited=edited, locale=i18n.current())
         await self._handle(msg, sink)

@@ -5,15 +5,18 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Hashable
 
 from bot.adapters.streaming import StreamingMessage, StreamingSink
+from bot.core.i18n import N_, _
 from bot.core.messages import ReplyStatus
 
-QUEUED = "⏳ Waiting in line: number {position}{eta}."
-WRITING = "✍️ Writing…"
+QUEUED = N_("⏳ Waiting in line: number %(position)s.")
+QUEUED_ETA = N_("⏳ Waiting in line: number %(position)s, about %(eta)s s.")
+WRITING = N_("✍️ Writing…")
 
 
 def queue_text(position: int, eta_s: float | None) -> str:
-    eta = f", about {max(1, round(eta_s))} s" if eta_s else ""
-    return QUEUED.format(position=position, eta=eta)
+    if eta_s:
+        return _(QUEUED_ETA) % {"position": position, "eta": max(1, round(eta_s))}
+    return _(QUEUED) % {"position": position}
 
 
 class DiscordSink(StreamingSink):
@@ -37,7 +40,7 @@ class DiscordSink(StreamingSink):
     async def started(self) -> None:
         self._take_over()
         if self._showing_status:
-            self.stream.set_status(WRITING)
+            self.stream.set_status(_(WRITING))
         if self.on_started is not None:
             await self.on_started()
 

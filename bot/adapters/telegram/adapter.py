@@ -7,7 +7,7 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
-from telegram import BotCommand, InlineKeyboardButton, InlineKeyboardMarkup, Message, Update
+from telegram import BotCommand, CallbackQuery, InlineKeyboardButton, InlineKeyboardMarkup, Message, Update, User
 from telegram.constants import ChatType, MessageEntityType
 from telegram.error import InvalidToken, NetworkError, TelegramError
 from telegram.ext import AIORateLimiter, Application, CallbackQueryHandler, ContextTypes, MessageHandler, filters
@@ -16,9 +16,11 @@ from bot.adapters.delivery import TEXT_ONLY, handle_reply, started
 from bot.adapters.regenerate import BUTTON_ID, BUTTON_LABEL, RETRY_COMMAND, STALE, WRITING_AGAIN, LatestReplies, strip
 from bot.adapters.streaming import Pacer
 from bot.adapters.telegram.sink import Drafts, TelegramOps, TelegramSink, Typing
+from bot.core import i18n
 from bot.core.access import AccessPolicy, Verdict, wants_chat_admin_fact
+from bot.core.i18n import N_, _
 from bot.core.messages import IncomingMessage
-from bot.core.service import COMMANDS, parse_command
+from bot.core.service import COMMANDS, NOT_ALLOWED, parse_command
 from bot.errors import BotError
 
 if TYPE_CHECKING:
@@ -30,15 +32,20 @@ log = logging.getLogger(__name__)
 # --- tuning ---
 POLL_TIMEOUT_S = 10.0  # getUpdates long-poll; tests use ~1 s so shutdown is quick
 STOP_GRACE_S = 5.0  # stop() lets replies in progress run this long, then marks them (docker stop: 10 s)
-SOMETHING_WRONG = "Sorry, something went wrong on my side. Please try again."
+SOMETHING_WRONG = N_("Sorry, something went wrong on my side. Please try again.")
 REFUSAL_COOLDOWN_S = 3600.0  # a refused user hears "not allowed" at most once per this long
 CHAT_ADMIN_STATUSES = ("creator", "administrator")  # getChatMember statuses that administer a group
 MODEL_BUTTON_PREFIX = "model:"
 PERSONA_BUTTON_PREFIX = "persona:"
 # A pressed button is the command it stands for, with what the button names as its argument.
 BUTTON_COMMANDS = {MODEL_BUTTON_PREFIX: "model", PERSONA_BUTTON_PREFIX: "persona"}
-BUTTON_ANSWERS = {"model": "Switching to {}…", "persona": "Choosing {}…"}
-REGENERATE_KEYBOARD = InlineKeyboardMarkup([[InlineKeyboardButton(BUTTON_LABEL, callback_data=BUTTON_ID)]])
+BUTTON_ANSWERS = {"model": N_("Switching to %(name)s…"), "persona": N_("Choosing %(name)s…")}
+# setMyCommands language_code (ISO 639-1) for each catalogue; the list without one (English) is everyone else's.
+COMMAND_LANGUAGES = {i18n.CHINESE: "zh"}
+
+
+def regenerate_keyboard() -> InlineKeyboardMarkup:
+    return InlineKeyboardMarkup([[InlineKeyboardButton(_(BUTTON_LABEL), callback_data=BUTTON_ID)]])
 
 
 def _quiet_retry_after(record: logging.LogRecord) -> bool:
@@ -99,13 +106,24 @@ class TelegramAdapter:
                            f"{type(exc).__name__}") from None
         self.username = self.app.bot.username or ""
         self.bot_id = self.app.bot.id
-        await self.app.bot.set_my_commands([BotCommand(name, what) for name, what in COMMANDS.items()])
+        await self._set_commands()
         await self.app.start()
         assert self.app.updater is not None
         await self.app.updater.start_polling(
             timeout=int(self.poll_timeout) or 1, poll_interval=0.0, drop_pending_updates=False,
             allowed_updates=[Update.MESSAGE, Update.EDITED_MESSAGE, Update.CALLBACK_QUERY], error_callback=self._on_poll_error)
         log.info("telegram: polling as @%s", self.username)
+
+    async def _set_commands(self) -> None:
+        """The command menu in each catalogue's language, and the default one (English, or LANGUAGE's)."""
+        for language, code in [(None, None), *COMMAND_LANGUAGES.items()]:
+            with i18n.using(i18n.pick(self.settings.language, language)):
+                await self.app.bot.set_my_commands([BotCommand(name, _(what)) for name, what in COMMANDS.items()],
+                                                   language_code=code)
+
+    def _locale(self, user: User | None) -> str:
+        """The language to answer `user` in: LANGUAGE, else their Telegram app's."""
+        return i18n.pick(self.settings.language, user.language_code if user else None)
 
     @property
     def connected(self) -> bool:
@@ -206,14 +224,14 @@ class TelegramAdapter:
         ops = TelegramOps(self.app.bot, chat.id, thread, reply_to, keyboard)
         return TelegramSink(ops, self._pacer(chat.id, chat.type),
                             Typing(self.app.bot, chat.id, thread) if typing else None,
-                            give_up_s=self.settings.delivery_retry_s, reply_buttons=REGENERATE_KEYBOARD,
+                            give_up_s=self.settings.delivery_retry_s, reply_buttons=regenerate_keyboard(),
                             drafts=self._drafts if chat.type == ChatType.PRIVATE and thread is None else None)
 
     def _model_keyboard(self) -> InlineKeyboardMarkup:
         current = self.service.current_model
         not_ready = self.settings.not_ready()
         return InlineKeyboardMarkup([[InlineKeyboardButton(("✅ " if name == current else "") + name
-                                                           + (" (not ready)" if name in not_ready else ""),
+                                                           + (" " + _("(not ready)") if name in not_ready else ""),
                                                            callback_data=f"{MODEL_BUTTON_PREFIX}{name}")]
                                      for name in self.service.model_names()])
 
@@ -240,10 +258,11 @@ class TelegramAdapter:
         if task is not None:
             self._inflight.add(task)  # type: ignore[arg-type]
         try:
-            if edited:
-                await self._edited(message)
-            else:
-                await self._answer(message)
+            with i18n.using(self._locale(message.from_user)):
+                if edited:
+                    await self._edited(message)
+                else:
+                    await self._answer(message)
         finally:
             if task is not None:
                 self._inflight.discard(task)  # type: ignore[arg-type]
@@ -259,11 +278,11 @@ class TelegramAdapter:
             if private and self._refuse_now(str(user.id)):
                 await self._run(message, IncomingMessage(
                     "telegram", self._chat_key(message), str(user.id), user.full_name, message.text or "",
-                    is_allowed=False, is_admin=False), self._sink(message))
+                    is_allowed=False, is_admin=False, locale=i18n.current()), self._sink(message))
             return
         if message.text is None:
             sink = self._sink(message)
-            await sink.notice(TEXT_ONLY)
+            await sink.notice(_(TEXT_ONLY))
             await sink.close()
             return
         text = self._prompt_text(message)
@@ -278,7 +297,8 @@ class TelegramAdapter:
             keyboard = self._persona_keyboard()
         incoming = IncomingMessage("telegram", self._chat_key(message), str(user.id), user.full_name, text,
                                    is_allowed=True, is_admin=access.admin, is_group=not private,
-                                   is_chat_admin=chat_admin, message_id=str(message.message_id))
+                                   is_chat_admin=chat_admin, message_id=str(message.message_id),
+                                   locale=i18n.current())
         await self._run(message, incoming, self._sink(message, keyboard=keyboard, typing=not is_command))
 
     async def _edited(self, message: Message) -> None:
@@ -291,7 +311,7 @@ class TelegramAdapter:
         key = self._chat_key(message)
         incoming = IncomingMessage("telegram", key, str(user.id), user.full_name, self._prompt_text(message),
                                    is_admin=access.admin, is_group=message.chat.type != ChatType.PRIVATE,
-                                   message_id=str(message.message_id), edited=True)
+                                   message_id=str(message.message_id), edited=True, locale=i18n.current())
         sink = self._sink(message)  # no "typing": most edits change only the stored text
         sink.replace_messages(self._latest.messages(key) or [])  # type: ignore[arg-type]
         await self._run(message, incoming, sink)
@@ -308,19 +328,23 @@ class TelegramAdapter:
         query = update.callback_query
         if query is None or query.data is None or not isinstance(query.message, Message):
             return
-        message = query.message
+        with i18n.using(self._locale(query.from_user)):
+            await self._button(query, query.message, query.data)
+
+    async def _button(self, query: CallbackQuery, message: Message, data: str) -> None:
         user = query.from_user
         access = self._access(user.id, message)
-        prefix = next(p for p in BUTTON_COMMANDS if query.data.startswith(p))
-        command, name = BUTTON_COMMANDS[prefix], query.data.removeprefix(prefix)
+        prefix = next(p for p in BUTTON_COMMANDS if data.startswith(p))
+        command, name = BUTTON_COMMANDS[prefix], data.removeprefix(prefix)
         if not access.allowed:
-            await query.answer("Sorry, you are not allowed to use this bot.")
+            await query.answer(_(NOT_ALLOWED))
             return
-        await query.answer(BUTTON_ANSWERS[command].format(name))
+        await query.answer(_(BUTTON_ANSWERS[command]) % {"name": name})
         chat_admin = wants_chat_admin_fact(command) and await self._is_chat_admin(message, user.id)
         incoming = IncomingMessage("telegram", self._chat_key(message), str(user.id), user.full_name,
                                    f"/{command} {name}", is_allowed=True, is_admin=access.admin,
-                                   is_group=message.chat.type != ChatType.PRIVATE, is_chat_admin=chat_admin)
+                                   is_group=message.chat.type != ChatType.PRIVATE, is_chat_admin=chat_admin,
+                                   locale=i18n.current())
         await self._run(message, incoming, self._sink(message))
 
     async def _on_regenerate(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
@@ -328,24 +352,28 @@ class TelegramAdapter:
         query = update.callback_query
         if query is None or not isinstance(query.message, Message):
             return
-        message = query.message
+        with i18n.using(self._locale(query.from_user)):
+            await self._regenerate(query, query.message)
+
+    async def _regenerate(self, query: CallbackQuery, message: Message) -> None:
         user = query.from_user
         access = self._access(user.id, message)
         if not access.allowed:
-            await query.answer("Sorry, you are not allowed to use this bot.")
+            await query.answer(_(NOT_ALLOWED))
             return
         key = self._chat_key(message)
         if self._latest.is_stale(key, message.message_id):
-            await query.answer(STALE)
+            await query.answer(_(STALE))
             sink = self._sink(message)
             await strip(sink, message.message_id)
             await sink.close()
             return
-        await query.answer(WRITING_AGAIN)
+        await query.answer(_(WRITING_AGAIN))
         sink = self._sink(message, typing=True)
         sink.replace_messages(self._latest.messages(key) or [message.message_id])  # type: ignore[arg-type]
         incoming = IncomingMessage("telegram", key, str(user.id), user.full_name, RETRY_COMMAND, is_allowed=True,
-                                   is_admin=access.admin, is_group=message.chat.type != ChatType.PRIVATE)
+                                   is_admin=access.admin, is_group=message.chat.type != ChatType.PRIVATE,
+                                   locale=i18n.current())
         await self._run(message, incoming, sink)
 
     async def _on_error(self, update: object, context: ContextTypes.DEFAULT_TYPE) -> None:

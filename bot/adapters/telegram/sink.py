@@ -23,6 +23,7 @@ from bot.adapters.streaming import (DEFAULT_GIVE_UP_S, RETRY_MARGIN_S, Fatal, Me
                                     Pacer, RetryLater, StreamingMessage, StreamingSink, TooLong, TransientError)
 from bot.adapters.telegram.formatting import has_markup, markdown_to_html
 from bot.adapters.textsplit import split_message, utf16_length
+from bot.core.i18n import _
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +44,10 @@ DRAFT_ID_MAX = 2**31 - 1  # draft ids are drawn from 1..this: unique per reply, 
 
 
 def queue_status(position: int, eta_s: float | None) -> str:
-    eta = f", about {eta_s:.0f} s" if eta_s else ""
-    return f"⏳ You're number {position} in the queue{eta}."
+    if eta_s:
+        return (_("⏳ You're number %(position)s in the queue, about %(eta).0f s.")
+                % {"position": position, "eta": eta_s})
+    return _("⏳ You're number %(position)s in the queue.") % {"position": position}
 
 
 @dataclass(frozen=True)
