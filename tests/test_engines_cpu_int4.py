@@ -53,7 +53,7 @@ def test_repacked_layers_compute_what_gptqmodel_computes(act_order: bool) -> Non
     x = torch.randn(5, 128, dtype=torch.bfloat16)
     with torch.inference_mode():
         want = {n: layer(x).float() for n, layer in originals.items()}
-    assert streamline(attn) == 4
+    assert streamline(attn, rows=None) == 4
     assert isinstance(attn.q_proj, SharedInputHead) and isinstance(attn.k_proj, SharedInputTail)
     # our kernel builds here (a C++ compiler is part of the setup), so every layer runs on it
     assert isinstance(attn.o_proj, NativeInt4Linear) and isinstance(attn.q_proj.fused, NativeInt4Linear)
@@ -100,7 +100,7 @@ def test_without_the_native_kernel_torchs_kernel_does_the_work(monkeypatch: pyte
     x = torch.randn(2, 128, dtype=torch.bfloat16)
     with torch.inference_mode():
         want = attn.o_proj(x).float()
-        assert streamline(attn) == 4
+        assert streamline(attn, rows=None) == 4
         assert isinstance(attn.o_proj, PackedInt4Linear) and isinstance(attn.q_proj.fused, PackedInt4Linear)
         assert torch.allclose(attn.o_proj(x).float(), want, rtol=0.02, atol=1e-3)
 
@@ -169,10 +169,10 @@ def test_real_builds_hold_packed_4bit_layers_and_answer_as_before(kind: str) -> 
     ids = torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"]])
     with torch.inference_mode():
         before = model(input_ids=ids).logits.float()
-        assert streamline(model) == len(projections)
+        assert streamline(model, rows=None) == len(projections)
         after = model(input_ids=ids).logits.float()
     packed = [m for m in model.modules() if isinstance(m, (PackedInt4Linear, NativeInt4Linear))]
-    # 4 per layer: q/k/v fused into one matmul, o, gate/up fused, down; all on our kernel
+    # 4 per layer: q/k/v fused into one matmul, o, gate/up fused, down; all on our kernel (no race asked)
     assert len(packed) == 4 * model.config.num_hidden_layers
     for m in packed:
         assert isinstance(m, NativeInt4Linear)
@@ -212,3 +212,21 @@ def float32_twin(model: nn.Module) -> nn.Module:
                     linear.bias = nn.Parameter(child.bias.float().clone(), requires_grad=False)
                 setattr(parent, name, linear)
     return nn.Module.float(twin)  # (Transformers refuses .float() on a model it knows to be quantized)
+
+
+@pytest.mark.parametrize("ours_faster", [True, False])
+def test_the_faster_kernel_serves_every_layer(ours_faster: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Which int4 kernel is faster depends on the CPU (ours on AVX2, torch's with AVX-512/AMX): one race at load
+    picks it for every layer, and the race is kept for the kernel report."""
+    from bot.engines import cpu_int4
+
+    def seconds(layer: nn.Module, rows: int, dtype: torch.dtype) -> float:
+        return 1.0 if isinstance(layer, NativeInt4Linear) == ours_faster else 2.0
+
+    monkeypatch.setattr(cpu_int4, "call_seconds", seconds)
+    attn = Attention(act_order=False)
+    assert streamline(attn, rows=(1, 8)) == 4
+    winner = NativeInt4Linear if ours_faster else PackedInt4Linear
+    assert isinstance(attn.o_proj, winner) and isinstance(attn.q_proj.fused, winner)
+    assert attn.quantbot_int4_race["ours_faster"] is ours_faster
+    assert set(attn.quantbot_int4_race["seconds"]["ours"]) == {1, 8}

@@ -51,7 +51,7 @@ def test_a_bf16_head_becomes_8_bit_with_the_same_predictions() -> None:
     x = torch.randn(16, 256, dtype=torch.bfloat16)
     with torch.inference_mode():
         want = model.lm_head(x).float()
-        assert quantize_output_head(model)
+        assert quantize_output_head(model, rows=None)
         assert isinstance(model.lm_head, Int8Linear)
         assert model.lm_head.qweight.numel() == weight.numel()  # one byte a weight instead of two
         got = model.lm_head(x).float()
@@ -62,5 +62,5 @@ def test_a_bf16_head_becomes_8_bit_with_the_same_predictions() -> None:
 def test_without_our_kernels_the_head_stays_16_bit(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(native._state, "ops", None)
     model = TinyLM(q8_0_weight(64, 64))
-    assert not quantize_output_head(model)
+    assert not quantize_output_head(model, rows=None)
     assert isinstance(model.lm_head, nn.Linear)

@@ -210,6 +210,7 @@ def test_the_engine_decodes_eagerly_after_a_failed_compile_and_reports_it(tmp_pa
     model = fake_model(layer("NativeInt4Linear"))
     model.config._attn_implementation = "sdpa"
     engine.model, engine.compiled, engine._decode_step = model, True, lambda **_: None
+    engine.max_batch = 1  # the one-reply warm-up is where the compile fails first
     calls: list[bool] = []
 
     def stream_chat(*_: Any) -> Any:
@@ -356,9 +357,10 @@ def test_a_read_only_models_dir_keeps_torchs_own_caches(tmp_path: Path, monkeypa
 
 
 @pytest.mark.slow
-def test_the_real_gptq_build_reports_our_kernel() -> None:
-    """The embedded GPTQ build on this CPU: every layer on our int4 kernel, the 8-bit head, no warning. Eager by
-    choice (tests run with TORCH_COMPILE=off, see conftest), which is not a degraded path."""
+def test_the_real_gptq_build_reports_the_kernel_that_won() -> None:
+    """The embedded GPTQ build on this CPU: every layer on the int4 kernel that won the race at load (ours on
+    AVX2, torch's on AVX-512/AMX), the 8-bit head where it won too, no warning. Eager by choice (tests run with
+    TORCH_COMPILE=off, see conftest), which is not a degraded path."""
     from bot.models.prepare import prepare
     from tests.models_fixture import shared_models_dir
 
@@ -370,7 +372,23 @@ def test_the_real_gptq_build_reports_our_kernel() -> None:
     try:
         report = engine.kernel_report
         assert report is not None
-        assert report.summary() == "smollm2-gptq: GPTQ 4-bit on CPU, our int4 kernel, 8-bit head, eager"
+        model = engine.model
+        int4 = ("our int4 kernel" if model.quantbot_int4_race["ours_faster"]
+                else "torch's int4 kernel (faster than ours here)")
+        head = ", 8-bit head" if getattr(model, "quantbot_head_race", {}).get("ours_faster") else ""
+        assert report.summary() == f"smollm2-gptq: GPTQ 4-bit on CPU, {int4}{head}, eager"
         assert report.warning() is None
     finally:
         engine.unload()
+
+
+def test_torch_int4_kernel_that_won_the_race_is_fast() -> None:
+    """On a CPU where torch's int4 kernel beat ours at load, running it is the fast path, not a fallback."""
+    from bot.engines.cpu_int4 import PackedInt4Linear
+    from bot.engines.kernel_report import LoadFacts, inspect_modules
+
+    layer = PackedInt4Linear.__new__(PackedInt4Linear)
+    won = inspect_modules("m", "GPTQ 4-bit", [layer], LoadFacts(device="cpu", compiled=True, torch_int4_faster=True))
+    fallback = inspect_modules("m", "GPTQ 4-bit", [layer], LoadFacts(device="cpu", compiled=True))
+    assert won.rating == "fast" and "faster than ours" in won.summary()
+    assert fallback.rating != "fast"

@@ -46,8 +46,11 @@ def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return lanes.contiguous().reshape(n, k), scales.contiguous()
 
 
-def quantize_output_head(model: nn.Module) -> bool:
-    """Swap `model`'s 16-bit output head for :class:`Int8Linear` where our kernel builds; True if swapped."""
+def quantize_output_head(model: nn.Module, rows: tuple[int, ...] | None = (1,)) -> bool:
+    """Swap `model`'s 16-bit output head for :class:`Int8Linear` where our kernel builds and is faster for the
+    batch sizes `rows` than the 16-bit matmul (not so with AMX, which runs bf16 matmuls in hardware); True if
+    swapped. `rows` None swaps without racing."""
+    from bot.engines.cpu_int4 import race
     from bot.engines.native import kernels
 
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
@@ -61,5 +64,11 @@ def quantize_output_head(model: nn.Module) -> bool:
     if not agree:
         log.warning("the 8-bit output head disagrees with the 16-bit one; keeping the 16-bit head")
         return False
+    if rows is not None:  # None: no race (tests of its arithmetic)
+        result = race(int8, head, rows, head.weight.dtype)
+        model.quantbot_head_race = result  # type: ignore[assignment]
+        if not result["ours_faster"]:
+            log.debug("the 16-bit head is faster here: %s", result)
+            return False
     model.set_output_embeddings(int8)
     return True

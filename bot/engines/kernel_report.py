@@ -87,6 +87,7 @@ class LoadFacts:
     sym: bool | None = None  # the checkpoint's quantization_config.sym
     nvcc: bool | None = None  # the CUDA toolkit's compiler is on PATH
     backend_note: str | None = None  # "marlin failed, loaded with exllama_v2"
+    torch_int4_faster: bool = False  # the race at load found torch's int4 kernel faster than ours on this CPU
 
 
 @dataclass
@@ -176,6 +177,8 @@ def inspect_modules(model_name: str, quant: str, modules: Iterable[Any], facts: 
             head = True
             continue
         kernel = classify_layer(name, facts.device)
+        if kernel is not None and name == "PackedInt4Linear" and facts.torch_int4_faster:
+            kernel = Kernel("torch's int4 kernel (faster than ours here)", "fast")
         if kernel is None:
             if is_quantized_layer(module):
                 unknown[name] += 1

@@ -63,14 +63,16 @@ def quiet_gptqmodel() -> None:
     LogBar.shared().setLevel(logging.WARNING)
 
 
-def cpu_decode_path(model: Any, native: bool = True) -> None:
-    """What a quantized model runs on in the CPU: its int4 layers repacked (our kernel where it builds and `native`
-    allows it) and its 16-bit output head as 8-bit (our kernel too). Unquantized models are left as they are."""
+def cpu_decode_path(model: Any, native: bool = True, max_batch: int = 1) -> None:
+    """What a quantized model runs on in the CPU: its int4 layers repacked (our kernel where it builds, `native`
+    allows it and it is faster here) and its 16-bit output head as 8-bit (the same). Unquantized models are left
+    as they are. Kernels race at one row and at `max_batch` rows: both single chats and full batches count."""
     from bot.engines.cpu_int4 import streamline
     from bot.engines.cpu_int8_head import quantize_output_head
 
-    swapped = streamline(model, native=native)
-    head = swapped > 0 and native and quantize_output_head(model)
+    rows = (1, max_batch) if max_batch > 1 else (1,)
+    swapped = streamline(model, native=native, rows=rows)
+    head = swapped > 0 and native and quantize_output_head(model, rows)
     log.debug("%d int4 layers repacked for the CPU; 8-bit output head: %s", swapped, head)
 
 
@@ -269,7 +271,7 @@ class TransformersEngine(Engine):
         self._eos_ids = self._end_of_turn_ids()
         self._special_ids = frozenset(tokenizer.all_special_ids) | frozenset(self._eos_ids)
         if model.device.type == "cpu":
-            cpu_decode_path(model, native=self.settings.cpu_kernels != "off")
+            cpu_decode_path(model, native=self.settings.cpu_kernels != "off", max_batch=self.max_batch)
         self._decode_step = self._compile_decode_step()
         self.scheduler = self._new_scheduler()
         self._warm_up()
@@ -313,7 +315,8 @@ class TransformersEngine(Engine):
         facts = kernel_report.LoadFacts(
             device=device, compiled=self.compiled, compile_error=self.compile_error,
             cpu_kernels_off=self.settings.cpu_kernels == "off", native_error=native.build_error(),
-            sym=sym, nvcc=kernel_report.nvcc_on_path() if device == "cuda" else None, backend_note=note)
+            sym=sym, nvcc=kernel_report.nvcc_on_path() if device == "cuda" else None, backend_note=note,
+            torch_int4_faster=not getattr(model, "quantbot_int4_race", {"ours_faster": True})["ours_faster"])
         quant = kernel_report.quant_label(self.profile.format, quant_config, model.dtype)
         label = None
         if device == "cuda":

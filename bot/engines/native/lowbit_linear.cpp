@@ -141,30 +141,40 @@ at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& qweight, const at:
 
 // quantbot::int8_linear: y = x @ W^T with W[n, k] = q[n, k] * scale[n, k / 32], int8 codes (the layout of GGUF's
 // Q8_0, which is where the embedded model's output head comes from). qweight is int8 [N, K]; each run of 32 inputs
-// is eight 32-bit lanes: lane l holds, in byte p, the code of input 8 * p + l.
-inline void int8_row(const int8_t* q, const float* x, const float* scale, int64_t K, float* y) {
+// is eight 32-bit lanes: lane l holds, in byte p, the code of input 8 * p + l. R rows of x meet each weight row:
+// its codes are widened once for all R (a batch of replies reads the head once per step, not once per reply).
+template <int R>
+inline void int8_rows(const int8_t* q, const float* x, const float* scale, int64_t K, float* y, int64_t N) {
 #if defined(__AVX2__) && defined(__FMA__)
-  __m256 acc = _mm256_setzero_ps();
+  __m256 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
   for (int64_t b = 0; b < K; b += 32) {
     const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + b));
-    const float* xb = x + b;
-    __m256 a = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(v, 24), 24)), _mm256_loadu_ps(xb));
-    __m256 c = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(v, 16), 24)),
-                             _mm256_loadu_ps(xb + 8));
-    a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(v, 8), 24)), _mm256_loadu_ps(xb + 16), a);
-    c = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srai_epi32(v, 24)), _mm256_loadu_ps(xb + 24), c);
-    acc = _mm256_fmadd_ps(_mm256_add_ps(a, c), _mm256_set1_ps(scale[b / 32]), acc);
+    const __m256 s = _mm256_set1_ps(scale[b / 32]);
+    const __m256 c0 = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(v, 24), 24)), s);
+    const __m256 c1 = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(v, 16), 24)), s);
+    const __m256 c2 = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(v, 8), 24)), s);
+    const __m256 c3 = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_srai_epi32(v, 24)), s);
+    for (int r = 0; r < R; ++r) {
+      const float* xb = x + r * K + b;
+      __m256 a = _mm256_fmadd_ps(c0, _mm256_loadu_ps(xb), acc[r]);
+      a = _mm256_fmadd_ps(c1, _mm256_loadu_ps(xb + 8), a);
+      a = _mm256_fmadd_ps(c2, _mm256_loadu_ps(xb + 16), a);
+      acc[r] = _mm256_fmadd_ps(c3, _mm256_loadu_ps(xb + 24), a);
+    }
   }
-  *y = hsum(acc);
+  for (int r = 0; r < R; ++r) y[r * N] = hsum(acc[r]);
 #else
-  float total = 0.f;
-  for (int64_t b = 0; b < K; b += 32) {
-    float part = 0.f;
-    for (int l = 0; l < 8; ++l)
-      for (int p = 0; p < 4; ++p) part += float(q[b + 4 * l + p]) * x[b + 8 * p + l];
-    total += part * scale[b / 32];
+  for (int r = 0; r < R; ++r) {
+    float total = 0.f;
+    for (int64_t b = 0; b < K; b += 32) {
+      float part = 0.f;
+      for (int l = 0; l < 8; ++l)
+        for (int p = 0; p < 4; ++p) part += float(q[b + 4 * l + p]) * x[r * K + b + 8 * p + l];
+      total += part * scale[b / 32];
+    }
+    y[r * N] = total;
   }
-  *y = total;
 #endif
 }
 
@@ -184,8 +194,18 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& qweight, const at:
   const int8_t* qp = qweight.data_ptr<int8_t>();
   float* yp = y.data_ptr<float>();
   at::parallel_for(0, N, 256, [&](int64_t n0, int64_t n1) {
-    for (int64_t m = 0; m < M; ++m)
-      for (int64_t n = n0; n < n1; ++n) int8_row(qp + n * K, xp + m * K, sp + n * (K / 32), K, yp + m * N + n);
+    for (int64_t n = n0; n < n1; ++n) {
+      const int8_t* qn = qp + n * K;
+      const float* sn = sp + n * (K / 32);
+      int64_t m = 0;
+      for (; m + 4 <= M; m += 4) int8_rows<4>(qn, xp + m * K, sn, K, yp + m * N + n, N);
+      switch (M - m) {
+        case 3: int8_rows<3>(qn, xp + m * K, sn, K, yp + m * N + n, N); break;
+        case 2: int8_rows<2>(qn, xp + m * K, sn, K, yp + m * N + n, N); break;
+        case 1: int8_rows<1>(qn, xp + m * K, sn, K, yp + m * N + n, N); break;
+        default: break;
+      }
+    }
   });
   auto sizes = x.sizes().vec();
   sizes.back() = N;
