@@ -49,15 +49,19 @@ def test_answers_a_simple_question(engine: TransformersEngine) -> None:
 
 
 @pytest.mark.slow
-def test_decodes_on_our_cpu_kernels(engine: TransformersEngine) -> None:
-    """On the CPU every 4-bit projection runs on our int4 kernel and the output head on our int8 one."""
-    from bot.engines.cpu_int4 import NativeInt4Linear
+def test_decodes_on_the_faster_cpu_kernels(engine: TransformersEngine) -> None:
+    """On the CPU every 4-bit projection runs on the int4 kernel that won the race at load (ours or torch's, by
+    CPU), and the output head on our int8 kernel where that won too."""
+    from bot.engines.cpu_int4 import NativeInt4Linear, PackedInt4Linear
     from bot.engines.cpu_int8_head import Int8Linear
 
     model = engine.model
-    assert isinstance(model.get_output_embeddings(), Int8Linear)
-    native = [m for m in model.modules() if isinstance(m, NativeInt4Linear)]
-    assert len(native) == 4 * model.config.num_hidden_layers  # q/k/v fused, o, gate/up fused, down
+    winner = NativeInt4Linear if model.quantbot_int4_race["ours_faster"] else PackedInt4Linear
+    layers = [m for m in model.modules() if isinstance(m, (NativeInt4Linear, PackedInt4Linear))]
+    assert len(layers) == 4 * model.config.num_hidden_layers  # q/k/v fused, o, gate/up fused, down
+    assert all(isinstance(m, winner) for m in layers)
+    head_won = model.quantbot_head_race["ours_faster"]
+    assert isinstance(model.get_output_embeddings(), Int8Linear) == head_won
     assert isinstance(model.get_input_embeddings(), torch.nn.Embedding)  # the (tied) embedding is untouched
 
 
