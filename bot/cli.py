@@ -21,6 +21,7 @@ COMMANDS: dict[tuple[str, ...], str] = {
     ("db", "upgrade"): "bot.storage.migrate:cmd_upgrade",
     ("db", "downgrade"): "bot.storage.migrate:cmd_downgrade",
     ("bench", "engines"): "bot.bench.engines:cmd_bench_engines",
+    ("bench", "concurrency"): "bot.bench.concurrency:cmd_bench_concurrency",
     ("bench", "pipeline"): "bot.bench.pipeline:cmd_bench_pipeline",
     ("bench", "telegram"): "bot.bench.telegram:cmd_bench_telegram",
 }
@@ -68,12 +69,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="benchmarks (print a table, write JSON)").add_subparsers(
         dest="bench_command", required=True)
-    for name in ("engines", "pipeline", "telegram"):
+    for name in ("engines", "concurrency", "pipeline", "telegram"):
         b = bench.add_parser(name)
         b.add_argument("--out", default=None, help="JSON output path")
         b.add_argument("--quick", action="store_true", help="fewer prompts and tokens")
-        if name == "engines":
-            b.add_argument("--models", default=None, help="comma-separated model names (default: every local build)")
+        if name in ("engines", "concurrency"):
+            b.add_argument("--models", default=None, help="comma-separated model names (default: every local build; "
+                                                          "concurrency: the GPTQ and AWQ builds)")
     return parser
 
 

@@ -60,7 +60,7 @@ def test_decodes_on_the_faster_cpu_kernels(engine: TransformersEngine) -> None:
     layers = [m for m in model.modules() if isinstance(m, (NativeInt4Linear, PackedInt4Linear))]
     assert len(layers) == 4 * model.config.num_hidden_layers  # q/k/v fused, o, gate/up fused, down
     assert all(isinstance(m, winner) for m in layers)
-    head_won = model.quantbot_head_race["ours_faster"]
+    head_won = getattr(model, "quantbot_head_race", {"ours_faster": False})["ours_faster"]
     assert isinstance(model.get_output_embeddings(), Int8Linear) == head_won
     assert isinstance(model.get_input_embeddings(), torch.nn.Embedding)  # the (tied) embedding is untouched
 

@@ -20,21 +20,26 @@ def decode_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
                      attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
                      **kwargs: Any) -> tuple[torch.Tensor, None]:
     """Same contract as Transformers' ``sdpa_attention_forward``: returns (batch, q_len, heads, head_dim)."""
-    from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    if query.shape[2] != 1 or dropout or any(kwargs.get(k) is not None for k in UNSUPPORTED):
+    per_head_mask = attention_mask is not None and attention_mask.shape[1] != 1
+    if query.shape[2] != 1 or dropout or per_head_mask or any(kwargs.get(k) is not None for k in UNSUPPORTED):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
-    groups = getattr(module, "num_key_value_groups", 1)
-    if groups > 1:
-        key, value = repeat_kv(key, groups), repeat_kv(value, groups)
-    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    scores = torch.matmul(query, key.transpose(2, 3)) * scale
+    # Grouped-query attention without repeat_kv: the query heads that share a key/value head become rows of one
+    # matmul against it, instead of copying the cache once per query head (3x the cache, every step, on SmolLM2).
+    batch, heads, _, dim = query.shape
+    kv_heads = key.shape[1]
+    groups = heads // kv_heads
+    scale = scaling if scaling is not None else dim ** -0.5
+    grouped = query.view(batch, kv_heads, groups, dim)
+    scores = torch.matmul(grouped, key.transpose(2, 3)) * scale  # [batch, kv_heads, groups, length]
     if attention_mask is not None:
-        mask = attention_mask[..., : key.shape[-2]]
+        mask = attention_mask[..., : key.shape[-2]]  # [batch, 1, 1, length]: the same for every head
         scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(value.dtype)
-    return torch.matmul(probs, value).transpose(1, 2).contiguous(), None
+    out = torch.matmul(probs, value)  # [batch, kv_heads, groups, dim]
+    return out.view(batch, heads, 1, dim).transpose(1, 2).contiguous(), None
 
 
 def register() -> str:
