@@ -36,6 +36,9 @@ log = logging.getLogger(__name__)
 DEFAULT_MAX_BATCH = 8
 KV_MEMORY_SHARE = 0.4  # of the memory free after loading, for the KV cache (the padded cache is copied as it grows)
 PREFILL_TOKENS_PER_STEP = 512  # prompt tokens prefilled between two decode steps (running rows wait meanwhile)
+# Top-p looks at the most likely tokens first and sorts the whole vocabulary only when they hold less than top_p
+# of the mass: sorting 49k logits per row and step cost ~6 ms of a ~20 ms step.
+TOP_P_CANDIDATES = 256
 
 
 class BatchModel(Protocol):
@@ -271,9 +274,10 @@ class BatchScheduler:
     def _sample(self, row: Row, logits: torch.Tensor) -> torch.Tensor:
         """4. sample one row: [1] token id on the model's device."""
         scores = row.processors(row.seen, logits.float())
-        if row.request.params.greedy:
+        params = row.request.params
+        if params.greedy:
             return scores.argmax(dim=-1)
-        return torch.multinomial(torch.softmax(scores, dim=-1), 1, generator=row.generator).view(1)
+        return sample(scores[0], params.temperature, params.top_p, row.generator).view(1)
 
     def _emit(self, row: Row, token: int, tensor: torch.Tensor) -> bool:
         """5. emit a row's token; False when the row is done (and its consumer told why)."""
@@ -321,6 +325,20 @@ class BatchScheduler:
             request.out.put(Failed(error))
         self.rows = []
         self.cache = self.mask = self.positions = None
+
+
+def sample(scores: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> torch.Tensor:
+    """One token from `scores` [vocab] at `temperature`, among the smallest set of most likely tokens that holds
+    `top_p` of the probability (what Transformers' TopPLogitsWarper keeps), drawn with the row's own generator."""
+    probs = torch.softmax(scores / temperature, dim=-1)
+    if top_p >= 1.0:
+        return torch.multinomial(probs, 1, generator=generator)
+    top = torch.topk(probs, min(TOP_P_CANDIDATES, probs.numel()))
+    if float(top.values.sum()) < top_p:  # a flat distribution: the nucleus reaches past the candidates
+        top = torch.sort(probs, descending=True)
+    before = torch.cumsum(top.values, dim=-1) - top.values  # mass of the tokens ranked above each one
+    kept = top.values.masked_fill(before >= top_p, 0.0)  # (the first token is always kept)
+    return top.indices[torch.multinomial(kept, 1, generator=generator)]
 
 
 def _pad_left(tensor: torch.Tensor, columns: int) -> torch.Tensor:

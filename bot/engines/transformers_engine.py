@@ -529,19 +529,10 @@ class _Forwards:
 
 
 def _logits_processors(params: GenerationParams) -> Any:
-    """Transformers' own repetition penalty, temperature and top-p, in the order generate() applies them."""
-    from transformers import (
-        LogitsProcessorList,
-        RepetitionPenaltyLogitsProcessor,
-        TemperatureLogitsWarper,
-        TopPLogitsWarper,
-    )
+    """Transformers' own repetition penalty (temperature and top-p are :func:`bot.engines.batching.sample`'s)."""
+    from transformers import LogitsProcessorList, RepetitionPenaltyLogitsProcessor
 
     processors = LogitsProcessorList()
     if params.repetition_penalty and params.repetition_penalty != 1.0:
         processors.append(RepetitionPenaltyLogitsProcessor(params.repetition_penalty))
-    if not params.greedy:
-        processors.append(TemperatureLogitsWarper(params.temperature))
-        if params.top_p < 1.0:
-            processors.append(TopPLogitsWarper(params.top_p))
     return processors
