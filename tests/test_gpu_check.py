@@ -45,11 +45,13 @@ def test_every_step_is_in_one_json_file(tmp_path: Path) -> None:
     code, result, calls = run_check(tmp_path)
     assert code == 0 and result["passed"]
     assert list(result["steps"]) == ["doctor", "prepare", "doctor_load", "generate_smollm2-gptq",
-                                     "generate_smollm2-awq", "bench_engines"]
+                                     "generate_smollm2-awq", "bench_engines", "bench_concurrency"]
     assert result["steps"]["doctor_load"]["result"]["default_can_run"] is True
     assert "Paris" in result["steps"]["generate_smollm2-awq"]["stdout"]
     assert result["steps"]["bench_engines"]["result"] == {"results": []}
+    assert result["steps"]["bench_concurrency"]["result"] == {"results": []}
     assert "doctor --json --load" in calls and any(c.startswith("bench engines --quick") for c in calls)
+    assert any(c.startswith("bench concurrency --quick") for c in calls)
 
 
 def test_a_failed_step_fails_the_check_and_is_recorded(tmp_path: Path) -> None:

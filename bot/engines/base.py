@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import logging
 import threading
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Literal
 
 from bot.errors import BotError
+
+log = logging.getLogger(__name__)
 
 Role = Literal["system", "user", "assistant"]
 
@@ -87,12 +91,46 @@ class Engine(ABC):
     def count_tokens(self, messages: list[ChatMessage]) -> int:
         """Tokens of the prompt these messages make, chat template and generation prompt included."""
 
-    @abstractmethod
     def stream_chat(
         self, messages: list[ChatMessage], params: GenerationParams, cancel: CancelToken,
         stats: StreamStats | None = None,
     ) -> Iterator[str]:
-        """Yield text deltas of the assistant reply; stop on EOS, max_new_tokens or cancel."""
+        """Yield text deltas of the assistant reply; stop on EOS, max_new_tokens or cancel.
+
+        The skeleton every engine shares: timing, the finish reason, cancel, and any failure that is not
+        already an EngineError turned into one (the reply fails politely, the bot goes on). Engines write
+        :meth:`_stream`, which fills in the token counts and "stop"/"length".
+        """
+        stats = stats if stats is not None else StreamStats()
+        start = time.perf_counter()
+        try:
+            for delta in self._stream(messages, params, cancel, stats):
+                if stats.first_token_s is None:
+                    stats.first_token_s = time.perf_counter() - start
+                yield delta
+                if cancel.cancelled:
+                    break
+        except GeneratorExit:
+            cancel.cancel()  # the caller stopped reading: whatever generates for it stops too
+            raise
+        except EngineError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - out of memory, kernel errors: the reply fails, the bot goes on
+            log.error("generation with %s failed: %r", self.name, exc)
+            raise EngineError(f"model {self.name!r} failed while writing the reply: {type(exc).__name__}") from exc
+        finally:
+            stats.total_s = time.perf_counter() - start
+            if cancel.cancelled:
+                stats.finish_reason = "cancelled"
+            stats.finish_reason = stats.finish_reason or "length"
+            if stats.completion_tokens > 1 and stats.first_token_s is not None:
+                decode_s = stats.total_s - stats.first_token_s
+                stats.extra["tokens_per_s"] = (stats.completion_tokens - 1) / decode_s if decode_s > 0 else 0.0
+
+    def _stream(self, messages: list[ChatMessage], params: GenerationParams, cancel: CancelToken,
+                stats: StreamStats) -> Iterator[str]:
+        """The engine's own part of :meth:`stream_chat`: text deltas; sets the token counts and the finish reason."""
+        raise NotImplementedError
 
     def reply_budget(self, prompt_tokens: int, params: GenerationParams) -> int:
         """New tokens this reply may use; a clear error when the prompt alone fills the context."""

@@ -6,7 +6,6 @@ import codecs
 import logging
 import os
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -134,20 +133,17 @@ class LlamaCppEngine(Engine):
     def count_tokens(self, messages: list[ChatMessage]) -> int:
         return len(self.prompt_ids(messages))
 
-    def stream_chat(self, messages: list[ChatMessage], params: GenerationParams, cancel: CancelToken,
-                    stats: StreamStats | None = None) -> Iterator[str]:
+    def _stream(self, messages: list[ChatMessage], params: GenerationParams, cancel: CancelToken,
+                stats: StreamStats) -> Iterator[str]:
         self._require_loaded()
         import llama_cpp
 
-        stats = stats if stats is not None else StreamStats()
         ids = self.prompt_ids(messages)
         stats.prompt_tokens = len(ids)
         max_new = self.reply_budget(len(ids), params)
         llama = self.llama
         vocab = llama._model.vocab
         utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        start = time.perf_counter()
-        finish = "length"
         with self._lock:
             if params.seed is not None:
                 llama.set_seed(params.seed)
@@ -155,42 +151,23 @@ class LlamaCppEngine(Engine):
                 ids, temp=0.0 if params.greedy else params.temperature, top_p=1.0 if params.greedy else params.top_p,
                 top_k=TOP_K_OFF, min_p=MIN_P_OFF, repeat_penalty=params.repetition_penalty, reset=True,
             )
-            produced: list[int] = []
             try:
                 for token in tokens:
                     if cancel.cancelled:
-                        finish = "cancelled"
-                        break
+                        return
                     if llama_cpp.llama_vocab_is_eog(vocab, token):
-                        finish = "stop"
+                        stats.finish_reason = "stop"
                         break
-                    if stats.first_token_s is None:
-                        stats.first_token_s = time.perf_counter() - start
                     stats.completion_tokens += 1
-                    piece = llama.detokenize([token])
-                    produced.append(token)
-                    delta = utf8.decode(piece)
+                    delta = utf8.decode(llama.detokenize([token]))
                     if delta:
                         yield delta
                     if cancel.cancelled:
-                        finish = "cancelled"
+                        return
+                    if stats.completion_tokens >= max_new:
                         break
-                    if len(produced) >= max_new:
-                        break
-                if finish != "cancelled":
-                    tail = utf8.decode(b"", final=True).rstrip("\ufffd")
-                    if tail:
-                        yield tail
-            except EngineError:
-                raise
-            except Exception as exc:  # noqa: BLE001 - llama.cpp decode failures
-                log.exception("generation with %s failed", self.name)
-                raise EngineError(f"model {self.name!r} failed while writing the reply: {type(exc).__name__}") \
-                    from exc
+                tail = utf8.decode(b"", final=True).rstrip("\ufffd")
+                if tail:
+                    yield tail
             finally:
                 tokens.close()
-                stats.total_s = time.perf_counter() - start
-                stats.finish_reason = finish
-                if stats.completion_tokens > 1 and stats.first_token_s is not None:
-                    decode_s = stats.total_s - stats.first_token_s
-                    stats.extra["tokens_per_s"] = (stats.completion_tokens - 1) / decode_s if decode_s > 0 else 0.0

@@ -154,13 +154,11 @@ class OpenAIEngine(Engine):
         return body + TEMPLATE_TOKENS_PER_MESSAGE * len(payload) + TEMPLATE_TOKENS_REPLY
 
     # --- generation ----------------------------------------------------------------------------
-    def stream_chat(self, messages: list[ChatMessage], params: GenerationParams, cancel: CancelToken,
-                    stats: StreamStats | None = None) -> Iterator[str]:
-        """Yield the reply's text deltas; closing the generator or cancelling closes the stream."""
+    def _stream(self, messages: list[ChatMessage], params: GenerationParams, cancel: CancelToken,
+                stats: StreamStats) -> Iterator[str]:
+        """The reply's text deltas; closing the generator or cancelling closes the stream."""
         client = self._require_client()
-        stats = stats if stats is not None else StreamStats()
         body = self._request_body(messages, params)
-        start = time.perf_counter()
         stats.finish_reason = "stop"
         done = threading.Event()
         try:
@@ -181,8 +179,6 @@ class OpenAIEngine(Engine):
                     delta, finished = self._handle_chunk(data, stats)
                     ended = ended or finished
                     if delta:
-                        if stats.first_token_s is None:
-                            stats.first_token_s = time.perf_counter() - start
                         yield delta
                     if cancel.cancelled:
                         break
@@ -197,9 +193,6 @@ class OpenAIEngine(Engine):
                 raise self._transport_error(exc) from exc
         finally:
             done.set()
-            stats.total_s = time.perf_counter() - start
-        if cancel.cancelled:
-            stats.finish_reason = "cancelled"
 
     def _transport_error(self, exc: httpx.HTTPError) -> EngineError:
         if isinstance(exc, httpx.ConnectError):

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 import os
-import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -462,46 +461,26 @@ class TransformersEngine(Engine):
     def count_tokens(self, messages: list[ChatMessage]) -> int:
         return len(self.prompt_ids(messages))
 
-    def stream_chat(self, messages: list[ChatMessage], params: GenerationParams, cancel: CancelToken,
-                    stats: StreamStats | None = None) -> Iterator[str]:
+    def _stream(self, messages: list[ChatMessage], params: GenerationParams, cancel: CancelToken,
+                stats: StreamStats) -> Iterator[str]:
         """Join the engine's batch and turn its tokens into text here, on the caller's thread (no torch work)."""
         from bot.engines.batching import Request
 
         self._require_loaded()
-        scheduler = self.scheduler
-        assert scheduler is not None
-        stats = stats if stats is not None else StreamStats()
+        assert self.scheduler is not None
         ids = self.prompt_ids(messages)
         stats.prompt_tokens = len(ids)
-        request = Request(ids, params, self.reply_budget(len(ids), params), cancel)
+        request = self.scheduler.submit(Request(ids, params, self.reply_budget(len(ids), params), cancel))
         decoder = IncrementalDecoder(self.tokenizer)
-        start = time.perf_counter()
-        scheduler.submit(request)
-        try:
-            for token in request.stream():
-                stats.completion_tokens += 1
-                if stats.first_token_s is None:
-                    stats.first_token_s = time.perf_counter() - start
-                delta = decoder.push(token)
-                if delta:
-                    yield delta
-            tail = decoder.flush()
-            if tail and request.finish != "cancelled":
-                yield tail
-        except GeneratorExit:
-            cancel.cancel()  # the caller stopped reading: the row leaves the batch at the next step
-            raise
-        except EngineError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - out of memory, kernel errors: the reply fails, the bot goes on
-            log.error("generation with %s failed: %r", self.name, exc)
-            raise EngineError(f"model {self.name!r} failed while writing the reply: {type(exc).__name__}") from exc
-        finally:
-            stats.total_s = time.perf_counter() - start
-            stats.finish_reason = request.finish or ("cancelled" if cancel.cancelled else "error")
-            if stats.total_s > 0 and stats.completion_tokens:
-                decode_s = stats.total_s - (stats.first_token_s or 0.0)
-                stats.extra["tokens_per_s"] = (stats.completion_tokens - 1) / decode_s if decode_s > 0 else 0.0
+        for token in request.stream():
+            stats.completion_tokens += 1
+            delta = decoder.push(token)
+            if delta:
+                yield delta
+        stats.finish_reason = request.finish
+        tail = decoder.flush()
+        if tail and request.finish != "cancelled":
+            yield tail
 
 
 class _Forwards:
