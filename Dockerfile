@@ -60,7 +60,7 @@ RUN export CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA
 FROM base
 ARG VARIANT=cpu
 # g++ at run time: torch.compile (TORCH_COMPILE=auto, on CPU) builds its decode kernels with it, and the bot builds
-# its own CPU int4/int8 kernels (bot/engines/native) once; without it the bot falls back to torch's kernels and
+# its own CPU int4/int8 kernels (bot/engines/cpu/native) once; without it the bot falls back to torch's kernels and
 # eager decoding, about 2x slower.
 LABEL org.opencontainers.image.title="quantbot" org.opencontainers.image.description="4-bit LLM chat bot (${VARIANT})"
 RUN apt-get update \

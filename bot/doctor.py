@@ -138,7 +138,7 @@ def tool_version(names: tuple[str, ...]) -> tuple[str, str] | None:
 
 def cpu_kernel_facts() -> tuple[str, bool, bool, str | None]:
     """(torch's CPU capability, AVX2 path, built, why not): builds our kernels once (~15 s) if not cached."""
-    from bot.engines import native
+    from bot.engines.cpu import native
 
     capability, avx2 = native.cpu_capability()
     built = native.kernels() is not None

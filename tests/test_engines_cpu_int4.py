@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from bot.engines import native
-from bot.engines.cpu_int4 import (
+from bot.engines.cpu import native
+from bot.engines.cpu.int4 import (
     NativeInt4Linear,
     PackedInt4Linear,
     SharedInputHead,
@@ -15,7 +15,7 @@ from bot.engines.cpu_int4 import (
     nibble_pack,
     streamline,
 )
-from bot.engines.decode_attention import decode_attention
+from bot.engines.cpu.decode_attention import decode_attention
 from bot.models.prepare import build_path, prepare
 from tests.models_fixture import shared_models_dir
 
@@ -112,7 +112,7 @@ def test_a_kernel_that_does_not_build_is_reported_once_and_skipped(monkeypatch: 
     monkeypatch.setattr(native, "SOURCE", broken)
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "build"))
     monkeypatch.setattr(native, "_state", {})
-    with caplog.at_level("INFO", logger="bot.engines.native"):
+    with caplog.at_level("INFO", logger="bot.engines.cpu.native"):
         assert native.kernels() is None
         assert native.kernels() is None  # not rebuilt on every layer
     notes = [r for r in caplog.records if "could not be built" in r.getMessage()]
@@ -218,7 +218,7 @@ def float32_twin(model: nn.Module) -> nn.Module:
 def test_the_faster_kernel_serves_every_layer(ours_faster: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     """Which int4 kernel is faster depends on the CPU (ours on AVX2, torch's with AVX-512/AMX): one race at load
     picks it for every layer, and the race is kept for the kernel report."""
-    from bot.engines import cpu_int4
+    from bot.engines.cpu import int4 as cpu_int4
 
     def seconds(layer: nn.Module, rows: int, dtype: torch.dtype) -> float:
         return 1.0 if isinstance(layer, NativeInt4Linear) == ours_faster else 2.0

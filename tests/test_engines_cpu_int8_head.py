@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from bot.engines import native
-from bot.engines.cpu_int8_head import Int8Linear, quantize_output_head, quantize_rows
+from bot.engines.cpu import native
+from bot.engines.cpu.int8_head import Int8Linear, quantize_output_head, quantize_rows
 
 
 def q8_0_weight(rows: int, cols: int) -> torch.Tensor:

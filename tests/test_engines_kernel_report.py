@@ -141,7 +141,7 @@ def test_plain_linear_layers_are_not_kernels() -> None:
 @pytest.mark.parametrize(("native", "label"), [(True, "our int4 kernel"), (False, "torch's int4 kernel")])
 def test_gptqmodel_cpu_layers_after_repacking_are_reported_by_what_they_became(native: bool, label: str) -> None:
     """The real repacking (GPTQModel's CPU layers -> ours or torch's; q/k/v fused into one matmul)."""
-    from bot.engines.cpu_int4 import streamline
+    from bot.engines.cpu.int4 import streamline
     from tests.test_engines_cpu_int4 import Attention
 
     attn = Attention(act_order=False)
@@ -384,7 +384,7 @@ def test_the_real_gptq_build_reports_the_kernel_that_won() -> None:
 
 def test_torch_int4_kernel_that_won_the_race_is_fast() -> None:
     """On a CPU where torch's int4 kernel beat ours at load, running it is the fast path, not a fallback."""
-    from bot.engines.cpu_int4 import PackedInt4Linear
+    from bot.engines.cpu.int4 import PackedInt4Linear
     from bot.engines.kernel_report import LoadFacts, inspect_modules
 
     layer = PackedInt4Linear.__new__(PackedInt4Linear)

@@ -52,8 +52,8 @@ def test_answers_a_simple_question(engine: TransformersEngine) -> None:
 def test_decodes_on_the_faster_cpu_kernels(engine: TransformersEngine) -> None:
     """On the CPU every 4-bit projection runs on the int4 kernel that won the race at load (ours or torch's, by
     CPU), and the output head on our int8 kernel where that won too."""
-    from bot.engines.cpu_int4 import NativeInt4Linear, PackedInt4Linear
-    from bot.engines.cpu_int8_head import Int8Linear
+    from bot.engines.cpu.int4 import NativeInt4Linear, PackedInt4Linear
+    from bot.engines.cpu.int8_head import Int8Linear
 
     model = engine.model
     winner = NativeInt4Linear if model.quantbot_int4_race["ours_faster"] else PackedInt4Linear

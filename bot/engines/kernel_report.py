@@ -49,7 +49,7 @@ class Kernel:
     cost: str = ""
 
 
-# Our own layers (bot/engines/cpu_int4.py, cpu_int8_head.py), by exact class name.
+# Our own layers (bot/engines/cpu/int4.py, int8_head.py), by exact class name.
 OUR_CPU_LAYERS: dict[str, Kernel] = {
     "NativeInt4Linear": Kernel("our int4 kernel", "fast"),
     "PackedInt4Linear": Kernel("torch's int4 kernel", "acceptable", TORCH_INT4_COST),

@@ -62,19 +62,6 @@ def quiet_gptqmodel() -> None:
     LogBar.shared().setLevel(logging.WARNING)
 
 
-def cpu_decode_path(model: Any, native: bool = True, max_batch: int = 1) -> None:
-    """What a quantized model runs on in the CPU: its int4 layers repacked (our kernel where it builds, `native`
-    allows it and it is faster here) and its 16-bit output head as 8-bit (the same). Unquantized models are left
-    as they are. Kernels race at one row and at `max_batch` rows: both single chats and full batches count."""
-    from bot.engines.cpu_int4 import streamline
-    from bot.engines.cpu_int8_head import quantize_output_head
-
-    rows = (1, max_batch) if max_batch > 1 else (1,)
-    swapped = streamline(model, native=native, rows=rows)
-    head = swapped > 0 and native and quantize_output_head(model, rows)
-    log.debug("%d int4 layers repacked for the CPU; 8-bit output head: %s", swapped, head)
-
-
 def context_length(profile_length: int | None, declared: int | None, max_context: int) -> int:
     """The profile's context, else the model's declared maximum (32k-128k for current 7B models), never more than
     MAX_CONTEXT: a long chat must not ask for more KV cache than the machine has."""
@@ -270,7 +257,9 @@ class TransformersEngine(Engine):
         self._eos_ids = self._end_of_turn_ids()
         self._special_ids = frozenset(tokenizer.all_special_ids) | frozenset(self._eos_ids)
         if model.device.type == "cpu":
-            cpu_decode_path(model, native=self.settings.cpu_kernels != "off", max_batch=self.max_batch)
+            from bot.engines import cpu
+
+            cpu.prepare_model(model, native=self.settings.cpu_kernels != "off", max_batch=self.max_batch)
         self._decode_step = self._compile_decode_step()
         self.scheduler = self._new_scheduler()
         self._warm_up()
@@ -302,7 +291,7 @@ class TransformersEngine(Engine):
     def describe_kernels(self) -> kernel_report.KernelReport:
         """What the loaded model's layers run on, rated for this device (see bot.engines.kernel_report)."""
         self._require_loaded()
-        from bot.engines import native
+        from bot.engines.cpu import native
 
         model = self.model
         device = model.device.type
@@ -355,10 +344,10 @@ class TransformersEngine(Engine):
                     self.compile_error = _short(exc.__cause__ or exc)
                     log.info("torch.compile failed for %s (%s); decoding without it", self.name, self.compile_error)
                     self._decode_step, self.compiled = self.model.forward, False
-                    from bot.engines.decode_attention import NAME as DECODE_ATTENTION
+                    if self.model.device.type == "cpu":
+                        from bot.engines import cpu
 
-                    if self.model.config._attn_implementation == DECODE_ATTENTION:  # it was SDPA before compiling
-                        self.model.set_attn_implementation("sdpa")
+                        cpu.undo_decode_attention(self.model)  # it was SDPA before compiling
         except Exception as exc:  # noqa: BLE001 - a model that cannot generate is not loaded
             self.unload()
             raise EngineError(f"model {self.name!r} loaded but could not generate: {type(exc).__name__}: {exc}") \
@@ -393,10 +382,10 @@ class TransformersEngine(Engine):
         import torch
 
         log.info("compiling the decode step of %s with torch.compile (once per load)", self.name)
-        from bot.engines import decode_attention
+        if self.model.device.type == "cpu":
+            from bot.engines import cpu
 
-        if self.model.config._attn_implementation == "sdpa":  # one query: plain math that inductor fuses
-            self.model.set_attn_implementation(decode_attention.register())
+            cpu.use_decode_attention(self.model)  # one query: plain math that inductor fuses
         # dynamic=True: one graph for every cache length, instead of a recompile per length. Inductor's size asserts
         # re-check ~700 inputs a step (~0.6 ms of ~16) that Dynamo's guards have just checked.
         return torch.compile(self.model.forward, dynamic=True, options=COMPILE_OPTIONS)

@@ -59,9 +59,9 @@ def transformers_nll(path: Path, ids: list[int]) -> tuple[float, int]:
     device_map = "auto" if torch.cuda.is_available() else "cpu"
     model = AutoModelForCausalLM.from_pretrained(path, device_map=device_map, dtype="auto").eval()
     if model.device.type == "cpu":  # measure what the engine runs: our CPU kernels, the 8-bit head
-        from bot.engines.transformers_engine import cpu_decode_path
+        from bot.engines import cpu
 
-        cpu_decode_path(model)
+        cpu.prepare_model(model)
     total, count = 0.0, 0
     with torch.inference_mode():
         for window in _windows(ids):

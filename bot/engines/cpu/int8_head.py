@@ -2,7 +2,7 @@
 
 The head (vocabulary x hidden) is the largest single matmul of a small model's decode step and stays 16-bit in
 GPTQ/AWQ checkpoints: on the embedded model it reads 56 MB per token. In the layout of GGUF's Q8_0, which is
-where the embedded model's head comes from, it reads 32 MB through our kernel (:mod:`bot.engines.native`).
+where the embedded model's head comes from, it reads 32 MB through our kernel (:mod:`bot.engines.cpu.native`).
 The unquantized build keeps its head as it is: it is the reference the quantized builds are measured against.
 """
 
@@ -13,7 +13,7 @@ import logging
 import torch
 from torch import nn
 
-from bot.engines.cpu_int4 import outputs_agree
+from bot.engines.cpu.int4 import outputs_agree
 
 log = logging.getLogger(__name__)
 
@@ -50,8 +50,8 @@ def quantize_output_head(model: nn.Module, rows: tuple[int, ...] | None = (1,)) 
     """Swap `model`'s 16-bit output head for :class:`Int8Linear` where our kernel builds and is faster for the
     batch sizes `rows` than the 16-bit matmul (not so with AMX, which runs bf16 matmuls in hardware); True if
     swapped. `rows` None swaps without racing."""
-    from bot.engines.cpu_int4 import race
-    from bot.engines.native import kernels
+    from bot.engines.cpu.int4 import race
+    from bot.engines.cpu.native import kernels
 
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if (kernels() is None or not isinstance(head, nn.Linear) or head.bias is not None

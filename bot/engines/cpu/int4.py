@@ -7,7 +7,7 @@ small model makes about two hundred such calls, so the per-call extras are a vis
 
 :func:`streamline` repacks every such layer up front, swaps in :class:`PackedInt4Linear` (one kernel call,
 a gather only where ``g_idx`` really permutes), and lets siblings that read the same input (q/k/v, gate/up)
-run as one wider matmul. Where our own kernel builds (:mod:`bot.engines.native`), each packed layer then moves
+run as one wider matmul. Where our own kernel builds (:mod:`bot.engines.cpu.native`), each packed layer then moves
 to it as a :class:`NativeInt4Linear`: torch's int4 kernel is compute-bound on AVX2 for one row, ours runs
 one-token matmuls 1.3-1.5x faster. Each swap is checked against the original layer's output on a random input;
 a layer that does not match, or a GPTQModel version whose internals differ, is left as it was.
@@ -134,7 +134,7 @@ def race(ours: nn.Module, theirs: nn.Module, rows: tuple[int, ...], dtype: torch
 def _on_native_kernel(packed: PackedInt4Linear, dtype: torch.dtype, native: bool = True) -> nn.Module:
     """`packed` moved to our kernel where it builds and agrees with torch's (and `native` allows it); `packed`
     itself otherwise."""
-    from bot.engines.native import kernels
+    from bot.engines.cpu.native import kernels
 
     if not native or kernels() is None:
         return packed
