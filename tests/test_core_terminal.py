@@ -69,3 +69,15 @@ def test_the_terminal_chat_prints_nothing_but_our_own_lines(prepared_models: Pat
     lines = done.stdout.splitlines()
     assert lines[0] == "Chatting with smollm2-gptq. /help for commands, /quit to leave.", done.stdout[:2000]
     assert lines[1].startswith("bot> ") and len(lines[1]) > len("bot> ") and lines[-1] == "bye", done.stdout
+
+
+def test_the_terminal_chat_is_one_person() -> None:
+    """One reader: a batch of one and no torch.compile at start (unless asked for), so a newcomer's first answer
+    does not wait ~75 s for a compile."""
+    from bot.adapters.terminal import one_person
+    from bot.config import Settings
+
+    base = Settings(_env_file=None, torch_compile="auto", max_batch=8)  # type: ignore[call-arg]
+    terminal = one_person(base)
+    assert (terminal.max_batch, terminal.torch_compile) == (1, "off")
+    assert one_person(base.model_copy(update={"torch_compile": "on"})).torch_compile == "on"
