@@ -120,7 +120,7 @@ async def _chat_loop(service: ChatService, out: TextIO, user: str) -> None:
 def announce_loading(settings: Settings, out: TextIO = sys.stderr) -> None:
     """Say what the silent minute at start-up is (loading, and on a CPU compiling, the model)."""
     with i18n.using(terminal_locale(settings)):
-        print(_("loading %(model)s (on a small CPU this takes up to a minute)...") % {"model": settings.default_model},
+        print(_("loading %(model)s (on a small CPU this takes about a minute)...") % {"model": settings.default_model},
               file=out, flush=True)
 
 
