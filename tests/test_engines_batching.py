@@ -243,6 +243,25 @@ def test_memory_does_not_grow_burst_after_burst(engine: TransformersEngine) -> N
     assert engine.scheduler.cache is None
 
 
+def test_a_bug_in_the_batch_loop_fails_its_replies_and_the_next_one_is_served(engine: TransformersEngine,
+                                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """Whatever breaks inside a step (here: merging a joiner's cache), no reply waits forever."""
+    scheduler = engine.scheduler
+    join = scheduler._join
+    failures = iter([RuntimeError("bug")])
+
+    def failing_once(*args: Any) -> None:
+        error = next(failures, None)
+        if error is not None:
+            raise error
+        join(*args)
+
+    monkeypatch.setattr(scheduler, "_join", failing_once)
+    with pytest.raises(EngineError):
+        engine.chat([ChatMessage("user", "Say hello.")], GREEDY)
+    assert engine.chat([ChatMessage("user", "Say hello.")], GREEDY).strip()
+
+
 async def test_the_chat_service_answers_chats_at_once(tmp_path: Path, engine: TransformersEngine) -> None:
     """Through the queue: replies of several chats run together (the queue admits up to the batch). Last here: the
     service unloads the module's engine when it closes."""
@@ -256,3 +275,4 @@ async def test_the_chat_service_answers_chats_at_once(tmp_path: Path, engine: Tr
                                for i, sink in enumerate(sinks)))
         assert all(s.status == ReplyStatus.COMPLETE and s.final for s in sinks), [s.status for s in sinks]
         assert engine.scheduler.peak_rows >= 2, time.monotonic() - started
+

@@ -149,8 +149,14 @@ class BatchScheduler:
     # --- the loop (engine thread) ---
 
     def _loop(self) -> None:
-        with torch.inference_mode():  # every tensor of the batch an inference tensor (else Dynamo recompiles)
-            self._steps()
+        try:
+            with torch.inference_mode():  # every tensor of the batch an inference tensor (else Dynamo recompiles)
+                self._steps()
+        except Exception as exc:  # noqa: BLE001 - a bug in a step: its replies fail, the next submit starts afresh
+            log.exception("the batch loop failed")
+            self.fail_all(exc)
+            with self._lock:
+                self._looping = False
         if self.on_batch_empty is not None:
             self.on_batch_empty()
 
@@ -184,8 +190,16 @@ class BatchScheduler:
                 log.warning("prefill failed: %r", exc)
                 request.out.put(Failed(exc))
                 continue
-            if row is not None:
+            if row is None:
+                continue
+            try:
                 self._join(row, cache)
+            except Exception as exc:  # noqa: BLE001 - the batch's cache may be half merged: its replies fail too
+                log.warning("joining the batch failed: %r", exc)
+                request.out.put(Failed(exc))
+                for other in self.rows:
+                    other.request.out.put(Failed(exc))
+                self.rows, self.cache, self.mask, self.positions = [], None, None, None
 
     def _next_admissible(self) -> Request | None:
         """The oldest pending request that fits (1. admit): a free row, and the padded cache within budget."""
