@@ -72,10 +72,11 @@ async def _one_round(base: Settings, chats: int, words: int) -> list[dict[str, A
                 await service.close()
     rows = []
     for u in users:
-        calls = [c for c in fake.calls if c.method in ("sendMessage", "editMessageText")
+        # private chats stream by drafts (sendMessageDraft) and end with one sendMessage
+        calls = [c for c in fake.calls if c.method in ("sendMessage", "editMessageText", "sendMessageDraft")
                  and c.params.get("chat_id") == u and c.error is None]
         with_text = [c for c in calls if str(c.params.get("text", "")).startswith("w0")]
-        final = next(c for c in calls if c.params.get("text") == text)
+        final = next(c for c in calls if c.params.get("text") == text and c.method != "sendMessageDraft")
         rows.append({"chat": u, "first_text_s": round(with_text[0].at - sent_at[u], 3),
                      "final_s": round(final.at - sent_at[u], 3),
                      "first_message_s": round(calls[0].at - sent_at[u], 3),
