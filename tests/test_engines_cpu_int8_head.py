@@ -48,14 +48,17 @@ class TinyLM(nn.Module):
 def test_a_bf16_head_becomes_8_bit_with_the_same_predictions() -> None:
     weight = q8_0_weight(1000, 256).bfloat16()
     model = TinyLM(weight)
-    x = torch.randn(16, 256, dtype=torch.bfloat16)
+    x = torch.randn(16, 256, dtype=torch.bfloat16, generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         want = model.lm_head(x).float()
         assert quantize_output_head(model, rows=None)
         assert isinstance(model.lm_head, Int8Linear)
         assert model.lm_head.qweight.numel() == weight.numel()  # one byte a weight instead of two
         got = model.lm_head(x).float()
-    assert torch.equal(got.argmax(-1), want.argmax(-1))
+    # The same predictions, but for near ties: the kernel sums in another order than bf16's matmul.
+    flips = got.argmax(-1) != want.argmax(-1)
+    margin = want.amax(-1) - want.gather(-1, got.argmax(-1, keepdim=True)).squeeze(-1)
+    assert flips.sum() <= 1 and bool((margin[flips] <= 0.01 * want.abs().max()).all())
     assert (got - want).abs().max() < 0.01 * want.abs().max()
 
 
