@@ -164,20 +164,23 @@ def test_greedy_and_sampled_replies_in_one_batch_follow_their_own_settings(engin
     assert greedy_a[:8] == alone[:8] and greedy_a != seven_a  # the greedy row stays greedy beside sampled ones
 
 
+def failing_once(fn: Any, error: Exception) -> Any:
+    """`fn`, except that its first call raises `error`."""
+    failures = iter([error])
+
+    def call(*args: Any) -> Any:
+        pending = next(failures, None)
+        if pending is not None:
+            raise pending
+        return fn(*args)
+
+    return call
+
+
 def test_an_error_in_a_batched_step_fails_its_replies_and_the_engine_goes_on(engine: TransformersEngine,
                                                                              monkeypatch: pytest.MonkeyPatch) -> None:
-    scheduler = engine.scheduler
-    forwards = scheduler.model
-    decode = forwards.decode
-    failures = iter([RuntimeError("out of memory (simulated)")])
-
-    def failing_once(*args: Any) -> Any:
-        error = next(failures, None)
-        if error is not None:
-            raise error
-        return decode(*args)
-
-    monkeypatch.setattr(forwards, "decode", failing_once)
+    forwards = engine.scheduler.model
+    monkeypatch.setattr(forwards, "decode", failing_once(forwards.decode, RuntimeError("out of memory (simulated)")))
     stats = [StreamStats(), StreamStats()]
 
     def ask(i: int) -> str | Exception:
@@ -247,16 +250,7 @@ def test_a_bug_in_the_batch_loop_fails_its_replies_and_the_next_one_is_served(en
                                                                                monkeypatch: pytest.MonkeyPatch) -> None:
     """Whatever breaks inside a step (here: merging a joiner's cache), no reply waits forever."""
     scheduler = engine.scheduler
-    join = scheduler._join
-    failures = iter([RuntimeError("bug")])
-
-    def failing_once(*args: Any) -> None:
-        error = next(failures, None)
-        if error is not None:
-            raise error
-        join(*args)
-
-    monkeypatch.setattr(scheduler, "_join", failing_once)
+    monkeypatch.setattr(scheduler, "_join", failing_once(scheduler._join, RuntimeError("bug")))
     with pytest.raises(EngineError):
         engine.chat([ChatMessage("user", "Say hello.")], GREEDY)
     assert engine.chat([ChatMessage("user", "Say hello.")], GREEDY).strip()

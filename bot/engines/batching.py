@@ -122,7 +122,6 @@ class BatchScheduler:
         self._lock = threading.Lock()
         self._looping = False
         self.peak_rows = 0  # the widest batch so far (benchmarks and tests read it)
-        self.on_batch_empty: Callable[[], None] | None = None  # e.g. give freed memory back
 
     # --- any thread ---
 
@@ -157,8 +156,6 @@ class BatchScheduler:
             self.fail_all(exc)
             with self._lock:
                 self._looping = False
-        if self.on_batch_empty is not None:
-            self.on_batch_empty()
 
     def _steps(self) -> None:
         while True:
