@@ -11,8 +11,9 @@ its slot is reused. The loop runs on the engine thread (:mod:`bot.engines.engine
 5. emit    - the new tokens go to each reply's consumer (one host sync for the whole batch)
 6. retire  - rows that hit an end-of-turn token, their budget or /stop leave; padding no row needs is cut
 
-The cache is Transformers' own ``DynamicCache`` with rows of one length: a shorter row is padded on the left and
-masked, so a batched greedy reply equals the same reply decoded alone (up to float rounding of near ties).
+The cache (:mod:`bot.engines.kv_cache`) holds rows of one length: a shorter row is padded on the left and masked,
+so a batched greedy reply equals the same reply decoded alone (up to float rounding of near ties); each step
+writes its column in place.
 """
 
 from __future__ import annotations
@@ -25,16 +26,16 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
-from torch.nn import functional
 
 from bot.engines.base import CancelToken, GenerationParams
 from bot.engines.engine_thread import EngineThread
+from bot.engines.kv_cache import BatchCache
 
 log = logging.getLogger(__name__)
 
 # --- tuning constants ---
 DEFAULT_MAX_BATCH = 8
-KV_MEMORY_SHARE = 0.4  # of the memory free after loading, for the KV cache (the padded cache is copied as it grows)
+KV_MEMORY_SHARE = 0.4  # of the memory free after loading, for the KV cache (copied when a row joins or leaves)
 PREFILL_TOKENS_PER_STEP = 512  # prompt tokens prefilled between two decode steps (running rows wait meanwhile)
 # Top-p looks at the most likely tokens first and sorts the whole vocabulary only when they hold less than top_p
 # of the mass: sorting 49k logits per row and step cost ~6 ms of a ~20 ms step.
@@ -47,9 +48,9 @@ class BatchModel(Protocol):
     def prefill(self, ids: list[int]) -> tuple[torch.Tensor, Any]:
         """Logits [1, vocab] of the last prompt token, and a fresh cache holding the prompt."""
 
-    def decode(self, tokens: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None,
-               cache: Any) -> torch.Tensor:
-        """Logits [rows, vocab] for one new token per row ([rows, 1]); `mask` [rows, 1, 1, length + 1] or None."""
+    def decode(self, tokens: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor,
+               cache: BatchCache) -> torch.Tensor:
+        """Logits [rows, vocab] for one new token per row ([rows, 1]); `mask` [rows, 1, 1, capacity]."""
 
 
 @dataclass(frozen=True)
@@ -115,8 +116,7 @@ class BatchScheduler:
         self.max_batch = max(1, max_batch)
         self.kv_budget_tokens = kv_budget_tokens  # rows x padded length the cache may hold; None: unbounded
         self.rows: list[Row] = []
-        self.cache: Any = None
-        self.mask: torch.Tensor | None = None  # [rows, length] True where a row has a real token
+        self.cache: BatchCache | None = None
         self.positions: torch.Tensor | None = None  # [rows] the position of each row's next token
         self._pending: list[Request] = []
         self._lock = threading.Lock()
@@ -196,7 +196,7 @@ class BatchScheduler:
                 request.out.put(Failed(exc))
                 for other in self.rows:
                     other.request.out.put(Failed(exc))
-                self.rows, self.cache, self.mask, self.positions = [], None, None, None
+                self.rows, self.cache, self.positions = [], None, None
 
     def _next_admissible(self) -> Request | None:
         """The oldest pending request that fits (1. admit): a free row, and the padded cache within budget."""
@@ -229,20 +229,12 @@ class BatchScheduler:
         return (row if self._emit(row, int(token.item()), token) else None), cache
 
     def _join(self, row: Row, cache: Any) -> None:
-        length = len(row.request.ids)
-        position = torch.tensor([length], device=self.device)
-        real = torch.ones(1, length, dtype=torch.bool, device=self.device)
-        if not self.rows:
-            self.cache, self.mask, self.positions = cache, real, position
+        position = torch.tensor([len(row.request.ids)], device=self.device)
+        if self.cache is None:
+            self.cache, self.positions = BatchCache.from_prompt(cache), position
         else:
-            assert self.mask is not None and self.positions is not None
-            width = self.mask.shape[1]
-            grow, pad = max(0, length - width), max(0, width - length)
-            for batch_layer, row_layer in zip(self.cache.layers, cache.layers, strict=True):
-                batch_layer.keys = torch.cat([_pad_left(batch_layer.keys, grow), _pad_left(row_layer.keys, pad)])
-                batch_layer.values = torch.cat([_pad_left(batch_layer.values, grow),
-                                                _pad_left(row_layer.values, pad)])
-            self.mask = torch.cat([functional.pad(self.mask, (grow, 0)), functional.pad(real, (pad, 0))])
+            assert self.positions is not None
+            self.cache.join(cache)
             self.positions = torch.cat([self.positions, position])
         self.rows.append(row)
         self.peak_rows = max(self.peak_rows, len(self.rows))
@@ -257,15 +249,11 @@ class BatchScheduler:
         if not self.rows:
             return
         rows = self.rows
-        assert self.mask is not None and self.positions is not None
+        assert self.cache is not None and self.positions is not None
         try:
             # 3. decode
             tokens = torch.stack([row.last for row in rows])  # [rows, 1]
-            mask = None
-            if len(rows) > 1:
-                step_mask = functional.pad(self.mask, (0, 1), value=True)
-                mask = step_mask[:, None, None, :]
-            logits = self.model.decode(tokens, self.positions[:, None], mask, self.cache)
+            logits = self.model.decode(tokens, self.positions[:, None], self.cache.step_mask(), self.cache)
             # 4. sample
             picked = [self._sample(row, logits[i:i + 1]) for i, row in enumerate(rows)]
             ids = torch.cat(picked).tolist()  # the one host sync of the step
@@ -275,7 +263,7 @@ class BatchScheduler:
                 row.request.out.put(Failed(exc))
             self._retire(list(range(len(rows))))
             return
-        self.mask = functional.pad(self.mask, (0, 1), value=True)
+        self.cache.advance()
         self.positions = self.positions + 1
         # 5. emit, 6. retire
         done = [i for i, (row, token) in enumerate(zip(rows, ids, strict=True))
@@ -317,16 +305,12 @@ class BatchScheduler:
         keep = [i for i in range(len(self.rows)) if i not in gone]
         self.rows = [self.rows[i] for i in keep]
         if not keep:
-            self.cache = self.mask = self.positions = None
+            self.cache = self.positions = None
             return
-        assert self.mask is not None and self.positions is not None
+        assert self.cache is not None and self.positions is not None
         index = torch.tensor(keep, device=self.device)
-        mask = self.mask.index_select(0, index)
-        start = int(mask.any(0).int().argmax())  # first column some row still needs
-        for layer in self.cache.layers:  # (contiguous, as every step's graph expects: a view would recompile it)
-            layer.keys = layer.keys[:, :, start:].index_select(0, index)
-            layer.values = layer.values[:, :, start:].index_select(0, index)
-        self.mask, self.positions = mask[:, start:], self.positions.index_select(0, index)
+        self.cache.keep(index)
+        self.positions = self.positions.index_select(0, index)
 
     def fail_all(self, error: BaseException) -> None:
         """Unload: every reply still here ends with `error` (engine thread, between steps)."""
@@ -335,7 +319,7 @@ class BatchScheduler:
         for request in [row.request for row in self.rows] + pending:
             request.out.put(Failed(error))
         self.rows = []
-        self.cache = self.mask = self.positions = None
+        self.cache = self.positions = None
 
 
 def sample(scores: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> torch.Tensor:
@@ -350,11 +334,6 @@ def sample(scores: torch.Tensor, temperature: float, top_p: float, generator: to
     before = torch.cumsum(top.values, dim=-1) - top.values  # mass of the tokens ranked above each one
     kept = top.values.masked_fill(before >= top_p, 0.0)  # (the first token is always kept)
     return top.indices[torch.multinomial(kept, 1, generator=generator)]
-
-
-def _pad_left(tensor: torch.Tensor, columns: int) -> torch.Tensor:
-    """[rows, heads, length, dim] with `columns` zero positions in front (masked out by the batch's mask)."""
-    return functional.pad(tensor, (0, 0, columns, 0)) if columns else tensor
 
 
 def kv_bytes_per_token(config: Any, dtype: torch.dtype) -> int:
