@@ -1,11 +1,11 @@
 """Continuous batching for a local Transformers model: one decode loop over every active reply.
 
 Decoding is memory-bound: reading the weights once for eight rows costs little more than for one. A reply that
-arrives while others decode is prefilled alone and joins at the next step; a reply that ends leaves at once and
+arrives while others decode is prefilled (with whoever arrived with it) and joins at the next step; a reply that ends leaves at once and
 its slot is reused. The loop runs on the engine thread (:mod:`bot.engines.engine_thread`) as numbered steps:
 
 1. admit   - pending replies join while the batch has a free row and the KV cache budget allows
-2. prefill - each joiner's prompt runs alone (so its first token comes at once); its cache joins the batch's
+2. prefill - the joiners' prompts in one left-padded forward, their first tokens out at once; their cache joins
 3. decode  - one forward for all rows: left-padded cache, a padding mask, each row's own positions
 4. sample  - each row with its own settings: repetition penalty over its own tokens, temperature/top-p, seed
 5. emit    - the new tokens go to each reply's consumer (one host sync for the whole batch)
@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 # --- tuning constants ---
 DEFAULT_MAX_BATCH = 8
 KV_MEMORY_SHARE = 0.4  # of the memory free after loading, for the KV cache (copied when a row joins or leaves)
-PREFILL_TOKENS_PER_STEP = 512  # prompt tokens prefilled between two decode steps (running rows wait meanwhile)
+PREFILL_TOKENS_PER_STEP = 512  # padded prompt tokens in one prefill between two decode steps (running rows wait)
 # Top-p looks at the most likely tokens first and sorts the whole vocabulary only when they hold less than top_p
 # of the mass: sorting 49k logits per row and step cost ~6 ms of a ~20 ms step.
 TOP_P_CANDIDATES = 256
@@ -45,8 +45,8 @@ TOP_P_CANDIDATES = 256
 class BatchModel(Protocol):
     """The two forwards the scheduler needs from a model."""
 
-    def prefill(self, ids: list[int]) -> tuple[torch.Tensor, Any]:
-        """Logits [1, vocab] of the last prompt token, and a fresh cache holding the prompt."""
+    def prefill(self, prompts: list[list[int]]) -> tuple[torch.Tensor, BatchCache]:
+        """Logits [rows, vocab] of each prompt's last token, and a fresh cache holding the prompts."""
 
     def decode(self, tokens: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor,
                cache: BatchCache) -> torch.Tensor:
@@ -169,52 +169,68 @@ class BatchScheduler:
                 self._step()  # steps 3-6
 
     def _admit_and_prefill(self) -> None:
-        """Steps 1-2: each joiner's first token is out at once; the next decode step includes it."""
-        budget = PREFILL_TOKENS_PER_STEP
-        while budget > 0:
-            with self._lock:
-                request = self._next_admissible()
-                if request is None:
-                    return
+        """Steps 1-2: the joiners' prompts in one forward, each first token out at once; the next decode step
+        includes them."""
+        joiners = self._admit()
+        if not joiners:
+            return
+        try:
+            rows, cache = self._prefill(joiners)
+        except Exception as exc:  # noqa: BLE001 - these replies fail; the batch goes on
+            log.warning("prefill of %d prompts failed: %r", len(joiners), exc)
+            for request in joiners:
+                request.out.put(Failed(exc))
+            return
+        if not rows:
+            return
+        try:
+            self._join(rows, cache)
+        except Exception as exc:  # noqa: BLE001 - the batch's cache may be half merged: its replies fail too
+            log.warning("joining the batch failed: %r", exc)
+            for row in rows + self.rows:
+                row.request.out.put(Failed(exc))
+            self.rows, self.cache, self.positions = [], None, None
+
+    def _admit(self) -> list[Request]:
+        """1. admit: the oldest pending requests while they fit, first come first served (no one jumps a reply
+        waiting for room); cancelled ones leave at once."""
+        joiners: list[Request] = []
+        with self._lock:
+            for request in list(self._pending):
+                if request.cancel.cancelled:
+                    self._pending.remove(request)
+                    request.out.put(Finished("cancelled"))
+                    continue
+                if not self._fits([*joiners, request]):
+                    break
                 self._pending.remove(request)
-            budget -= len(request.ids)
-            if request.cancel.cancelled:
-                request.out.put(Finished("cancelled"))
-                continue
-            try:
-                row, cache = self._prefill(request)
-            except Exception as exc:  # noqa: BLE001 - this reply fails; the batch goes on
-                log.warning("prefill failed: %r", exc)
-                request.out.put(Failed(exc))
-                continue
-            if row is None:
-                continue
-            try:
-                self._join(row, cache)
-            except Exception as exc:  # noqa: BLE001 - the batch's cache may be half merged: its replies fail too
-                log.warning("joining the batch failed: %r", exc)
-                request.out.put(Failed(exc))
-                for other in self.rows:
-                    other.request.out.put(Failed(exc))
-                self.rows, self.cache, self.positions = [], None, None
+                joiners.append(request)
+        return joiners
 
-    def _next_admissible(self) -> Request | None:
-        """The oldest pending request that fits (1. admit): a free row, and the padded cache within budget."""
-        for request in self._pending:
-            if request.cancel.cancelled:
-                return request  # leaves at once, fits or not
-            if len(self.rows) >= self.max_batch:
-                return None
-            if self.kv_budget_tokens is not None and self.rows:
-                widest = max([row.length for row in self.rows] + [len(request.ids) + request.max_new])
-                if (len(self.rows) + 1) * widest > self.kv_budget_tokens:
-                    return None  # first come, first served: no one jumps a reply waiting for memory
-            return request
-        return None
+    def _fits(self, joiners: list[Request]) -> bool:
+        """Room for these joiners: free rows, the padded cache within the KV budget, and their padded prompts
+        within one prefill (a single prompt always fits, however long)."""
+        if len(self.rows) + len(joiners) > self.max_batch:
+            return False
+        if len(joiners) > 1 and len(joiners) * max(len(r.ids) for r in joiners) > PREFILL_TOKENS_PER_STEP:
+            return False
+        lengths = [row.length for row in self.rows] + [len(r.ids) + r.max_new for r in joiners]
+        return self.kv_budget_tokens is None or len(lengths) == 1 or \
+            len(lengths) * max(lengths) <= self.kv_budget_tokens
 
-    def _prefill(self, request: Request) -> tuple[Row | None, Any]:
-        """2. prefill: the prompt alone, its first token sampled and emitted; the row (None if the reply is over
-        already) and the cache of its prompt."""
+    def _prefill(self, requests: list[Request]) -> tuple[list[Row], BatchCache]:
+        """2. prefill: the prompts in one forward (left-padded), each first token sampled and emitted; the rows
+        still going and their prompts' cache (without the rows that ended at their first token)."""
+        rows = [self._new_row(request) for request in requests]
+        logits, cache = self.model.prefill([request.ids for request in requests])
+        picked = [self._sample(row, logits[i:i + 1]) for i, row in enumerate(rows)]
+        ids = torch.cat(picked).tolist()
+        going = [i for i, (row, token) in enumerate(zip(rows, ids, strict=True)) if self._emit(row, token, picked[i])]
+        if going and len(going) < len(rows):
+            cache.keep(torch.tensor(going, device=self.device))
+        return [rows[i] for i in going], cache
+
+    def _new_row(self, request: Request) -> Row:
         params = request.params
         generator = None
         if params.seed is not None and not params.greedy:
@@ -223,20 +239,17 @@ class BatchScheduler:
         # prompt repeats; penalizing <|im_end|> would keep the model from ending its turn.
         seen = torch.tensor([[t for t in request.ids if t not in self.special_ids]], device=self.device,
                             dtype=torch.long)
-        row = Row(request, self._processors(params), generator, seen)
-        logits, cache = self.model.prefill(request.ids)
-        token = self._sample(row, logits)
-        return (row if self._emit(row, int(token.item()), token) else None), cache
+        return Row(request, self._processors(params), generator, seen)
 
-    def _join(self, row: Row, cache: Any) -> None:
-        position = torch.tensor([len(row.request.ids)], device=self.device)
+    def _join(self, rows: list[Row], cache: BatchCache) -> None:
+        positions = torch.tensor([len(row.request.ids) for row in rows], device=self.device)
         if self.cache is None:
-            self.cache, self.positions = BatchCache.from_prompt(cache), position
+            self.cache, self.positions = cache, positions
         else:
             assert self.positions is not None
             self.cache.join(cache)
-            self.positions = torch.cat([self.positions, position])
-        self.rows.append(row)
+            self.positions = torch.cat([self.positions, positions])
+        self.rows.extend(rows)
         self.peak_rows = max(self.peak_rows, len(self.rows))
 
     def _step(self) -> None:

@@ -63,14 +63,14 @@ class BatchCache(Cache):
         super().__init__(layers=[BatchLayer(k, v, self.column) for k, v in layers])
 
     @classmethod
-    def from_prompt(cls, prompt: Any) -> BatchCache:
-        """One row from the cache a prompt's prefill filled (any Transformers cache with per-layer keys/values)."""
-        width = prompt.layers[0].keys.shape[2]
-        room = GROW_COLUMNS
-        layers = [(_pad(layer.keys, 0, room), _pad(layer.values, 0, room)) for layer in prompt.layers]
-        mask = torch.ones(1, width + room, dtype=torch.bool, device=layers[0][0].device)
-        mask[:, width:] = False
-        return cls(layers, mask, width)
+    def from_prompt(cls, prompt: Any, mask: torch.Tensor) -> BatchCache:
+        """The rows a prefill filled (any Transformers cache with per-layer keys/values), left-padded as `mask`
+        [rows, length] says; padded columns are zeroed (whatever the padded queries computed there)."""
+        width = mask.shape[1]
+        padding = ~mask[:, None, :, None]
+        layers = [(_pad(layer.keys.masked_fill(padding, 0), 0, GROW_COLUMNS),
+                   _pad(layer.values.masked_fill(padding, 0), 0, GROW_COLUMNS)) for layer in prompt.layers]
+        return cls(layers, functional.pad(mask, (0, GROW_COLUMNS)), width)
 
     @property
     def rows(self) -> int:
@@ -92,19 +92,21 @@ class BatchCache(Cache):
         self.width += 1
         self.column.fill_(self.width)
 
-    def join(self, prompt: Any) -> None:
-        """Add a row from a prompt's cache; the shorter side is padded on the left."""
-        length = prompt.layers[0].keys.shape[2]
-        grow, pad = max(0, length - self.width), max(0, self.width - length)
-        width = self.width + grow
-        room = self.capacity - self.width
-        layers = []
-        for layer, row in zip(self.layers, prompt.layers, strict=True):
-            layers.append((torch.cat([_pad(layer.keys, grow, 0), _pad(row.keys, pad, room)]),
-                           torch.cat([_pad(layer.values, grow, 0), _pad(row.values, pad, room)])))
-        real = torch.ones(1, length, dtype=torch.bool, device=self.mask.device)
-        mask = torch.cat([functional.pad(self.mask, (grow, 0)), functional.pad(real, (pad, room))])
-        self._replace(layers, mask, width)
+    def join(self, other: BatchCache) -> None:
+        """Add the rows of another batch cache (a prefill's) below these; the narrower side is padded on the left,
+        and both keep their room to grow."""
+        width = max(self.width, other.width)
+        room = max(self.capacity - self.width, other.capacity - other.width)
+        mine, theirs = self._spread(width, room), other._spread(width, room)
+        layers = [(torch.cat([k1, k2]), torch.cat([v1, v2])) for (k1, v1), (k2, v2) in zip(mine[0], theirs[0],
+                                                                                               strict=True)]
+        self._replace(layers, torch.cat([mine[1], theirs[1]]), width)
+
+    def _spread(self, width: int, room: int) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor]:
+        """The layers and mask padded to `width` columns in use and `room` free ones after them."""
+        left, right = width - self.width, room - (self.capacity - self.width)
+        layers = [(_pad(layer.keys, left, right), _pad(layer.values, left, right)) for layer in self.layers]
+        return layers, functional.pad(self.mask, (left, right))
 
     def keep(self, rows: torch.Tensor) -> None:
         """Only these rows (indices) stay; the leading columns that are padding in every one of them are cut."""

@@ -479,15 +479,23 @@ class _Forwards:
     def __init__(self, engine: TransformersEngine) -> None:
         self.engine = engine
 
-    def prefill(self, ids: list[int]) -> tuple[Any, Any]:
+    def prefill(self, prompts: list[list[int]]) -> tuple[Any, Any]:
+        """The prompts left-padded into one eager forward (each row's positions count its own tokens only)."""
         import torch
         from transformers import DynamicCache
 
+        from bot.engines.kv_cache import BatchCache
+
         model = self.engine.model
+        width = max(len(ids) for ids in prompts)
+        ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts], device=model.device)
+        mask = torch.tensor([[False] * (width - len(p)) + [True] * len(p) for p in prompts], device=model.device)
         cache = DynamicCache(config=model.config)
-        logits = model(input_ids=torch.tensor([ids], device=model.device), cache=cache, use_cache=True,
-                       logits_to_keep=1).logits
-        return logits[:, -1, :], cache
+        padded: dict[str, Any] = {}
+        if not bool(mask.all()):
+            padded = {"attention_mask": mask.long(), "position_ids": (mask.long().cumsum(-1) - 1).clamp(min=0)}
+        logits = model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1, **padded).logits
+        return logits[:, -1, :], BatchCache.from_prompt(cache, mask)
 
     def decode(self, tokens: Any, positions: Any, mask: Any, cache: Any) -> Any:
         step = self.engine._decode_step
