@@ -85,13 +85,21 @@ def run(engine: TransformersEngine, requests: list[Request]) -> list[list[int]]:
     return [list(request.stream()) for request in requests]
 
 
-def assert_same_or_near_tie(alone: list[tuple[int, torch.Tensor]], batched: list[int]) -> None:
+def assert_same_or_near_tie(alone: list[tuple[int, torch.Tensor]], batched: list[int],
+                            end_ids: frozenset[int]) -> None:
     for step, ((token, scores), other) in enumerate(zip(alone, batched)):
         if token != other:
-            gap = float(scores[token] - scores[other])
-            assert gap <= NEAR_TIE, f"parted at step {step} on a gap of {gap:.3f}: not a near tie"
+            assert_near_tie(scores, token, [other], step)
             return
-    assert len(alone) - len(batched) in (0, 1)  # (alone's last pick may be the end-of-turn token, never emitted)
+    if len(alone) - len(batched) > 1:  # the batched reply ended first: it picked an end-of-turn token here
+        token, scores = alone[len(batched)]
+        assert_near_tie(scores, token, sorted(end_ids), len(batched))
+    # (alone's last pick may be the end-of-turn token, never emitted)
+
+
+def assert_near_tie(scores: torch.Tensor, token: int, others: list[int], step: int) -> None:
+    gap = min(float(scores[token] - scores[other]) for other in others)
+    assert gap <= NEAR_TIE, f"parted at step {step} on a gap of {gap:.3f}: not a near tie"
 
 
 def test_greedy_replies_in_a_batch_equal_the_same_replies_alone(engine: TransformersEngine,
@@ -108,7 +116,7 @@ def test_greedy_replies_in_a_batch_equal_the_same_replies_alone(engine: Transfor
     assert engine.scheduler.peak_rows == len(QUESTIONS)  # they really shared the batch
     equal = 0
     for steps, tokens in zip(alone, batched):
-        assert_same_or_near_tie(steps, tokens)
+        assert_same_or_near_tie(steps, tokens, engine.scheduler.end_ids)
         equal += [t for t, _ in steps][:len(tokens)] == tokens and len(steps) - len(tokens) in (0, 1)
     assert equal >= 1  # at least one reply is token for token the same (near ties are rare, not the rule)
 
@@ -148,7 +156,7 @@ def test_stop_of_one_reply_leaves_the_others_unaffected(engine: TransformersEngi
     assert stopped.finish == "cancelled" and len(got) <= 5 + 2  # within a step or two of the /stop
     rest = list(kept.stream())
     assert kept.finish in ("stop", "length")
-    assert_same_or_near_tie(scores.of(alone), rest)
+    assert_same_or_near_tie(scores.of(alone), rest, engine.scheduler.end_ids)
 
 
 def test_greedy_and_sampled_replies_in_one_batch_follow_their_own_settings(engine: TransformersEngine) -> None:
@@ -231,19 +239,18 @@ def rss_mb() -> float:
     return psutil.Process().memory_info().rss / 2**20
 
 
-def test_memory_does_not_grow_burst_after_burst(engine: TransformersEngine) -> None:
-    """The batch's cache is dropped when it empties, and a second burst of 8 long replies leaves RSS where the
-    first left it. (Eager decoding returns to ~20 MB over idle; the compiled step keeps a one-time high-water of
-    ~200 MB per 2 x 160 tokens that repeated bursts do not grow: measured, cause not found, see docs.)"""
+def test_memory_returns_near_idle_after_bursts_of_long_replies(engine: TransformersEngine) -> None:
+    """Each step writes into the batch's buffers in place and the cache is dropped when the batch empties, so
+    after 8 replies of 160 tokens RSS is back near where it was before them, burst after burst (measured: +10 to
+    +30 MB; copying the cache every step had left a high-water mark of +180 to +360 MB)."""
     params = GenerationParams(max_new_tokens=160, temperature=0.0, repetition_penalty=1.0)
     burst = [f"Tell me a long story about dragon number {i}." for i in range(8)]
-    run(engine, [request_for(engine, q, params) for q in burst])
-    first = rss_mb()
-    assert engine.scheduler.cache is None
-    run(engine, [request_for(engine, q, params) for q in burst])
-    second = rss_mb()
-    assert second - first < 32, (first, second)  # 8 rows x ~200 tokens of KV cache alone would be ~40 MB
-    assert engine.scheduler.cache is None
+    idle = rss_mb()
+    for _ in range(2):
+        run(engine, [request_for(engine, q, params) for q in burst])
+        assert engine.scheduler.cache is None
+        after = rss_mb()
+        assert after - idle < 64, (idle, after)  # the KV cache of the burst alone was ~40 MB
 
 
 def test_a_bug_in_the_batch_loop_fails_its_replies_and_the_next_one_is_served(engine: TransformersEngine,

@@ -189,3 +189,18 @@ def test_incremental_decoding_never_splits_characters() -> None:
     deltas.append(decoder.flush())
     assert "".join(deltas) == text
     assert not any("\ufffd" in d for d in deltas)
+
+
+def _double_plus_one(*, x: torch.Tensor) -> torch.Tensor:
+    return x * 2 + 1
+
+
+def test_a_decode_step_no_compiled_graph_fits_still_runs() -> None:
+    """After the warm-up the step checks only the guards that tell its graphs apart; an input none of them fits
+    (another dtype, another rank) compiles a new graph instead of failing the reply or running a wrong one."""
+    from bot.engines.transformers_engine import checking_fewer_guards
+
+    step = checking_fewer_guards(torch.compile(_double_plus_one, backend="eager", dynamic=True))
+    assert step(x=torch.ones(3)).tolist() == [3.0, 3.0, 3.0]
+    assert step(x=torch.ones(5)).tolist() == [3.0] * 5
+    assert step(x=torch.ones(2, 2, dtype=torch.int64)).tolist() == [[3, 3], [3, 3]]
