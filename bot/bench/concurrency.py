@@ -2,7 +2,8 @@
 
 For 1, 2, 4 and 8 chats asking at the same moment (the same question and different ones; greedy and sampled;
 a fixed token budget) it reports aggregate and per-chat tokens/s, time to first text p50/p95 and peak memory,
-with each figure's ratio to one chat measured in the same run. The engine batches them (MAX_BATCH).
+with each figure's ratio to one chat measured in the same run. The engine batches them (MAX_BATCH). Then a chat
+asks while 7 others decode ("joiner"), several times: how soon its first text comes.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ QUESTIONS = (
 )
 SAME_QUESTION = QUESTIONS[0]
 MODES = {"greedy": {"temperature": 0.0}, "sampled": {"temperature": 0.7, "top_p": 0.9}}
+JOINER_REPEATS = 5  # a chat asking while the others decode, this many times (fresh runners each time): its p95
 MEMORY_SAMPLE_S = 0.05
 DEFAULT_OUT = "bench/concurrency.json"
 
@@ -91,6 +93,7 @@ class Scenario:
     peak_rss_delta_mb: float = 0.0
     peak_batch: int = 0
     failed: int = 0
+    others_decoding: float = 0.0  # joiner: how many replies were decoding, on average, when it asked
     ratios: dict[str, float] = field(default_factory=dict)
 
 
@@ -162,6 +165,42 @@ async def ask_at_once(service: object, engine: RecordingEngine, questions: list[
     return scenario
 
 
+async def join_while_decoding(service: object, engine: RecordingEngine, running: int, run: int) -> Scenario:
+    """`running` chats ask at once; once each has its first text, one more chat asks: its time to first text,
+    :data:`JOINER_REPEATS` times."""
+    from bot.core.service import ChatService
+
+    assert isinstance(service, ChatService)
+    before = len(engine.runs)
+    firsts: list[float] = []
+    others: list[int] = []
+    failed = 0
+    start = time.perf_counter()
+    with PeakMemory() as memory:
+        for rep in range(JOINER_REPEATS):
+            sinks = [TimingSink(time.perf_counter()) for _ in range(running)]
+            tasks = [asyncio.create_task(service.handle(
+                IncomingMessage("bench", f"j{run}-{rep}-c{i}", f"j{run}-{rep}-u{i}", "Bench", QUESTIONS[i]), sink))
+                for i, sink in enumerate(sinks)]
+            while any(s.first_text_s is None and s.done_s is None for s in sinks):
+                await asyncio.sleep(0.005)
+            others.append(sum(s.done_s is None for s in sinks))
+            joiner = TimingSink(time.perf_counter())
+            await service.handle(IncomingMessage("bench", f"j{run}-{rep}-join", f"j{run}-{rep}-ujoin", "Bench",
+                                                 QUESTIONS[running % len(QUESTIONS)]), joiner)
+            await asyncio.gather(*tasks)
+            if joiner.first_text_s is not None:
+                firsts.append(joiner.first_text_s)
+            failed += sum(s.status != ReplyStatus.COMPLETE for s in [*sinks, joiner])
+    wall = time.perf_counter() - start
+    tokens = sum(r.completion_tokens for r in engine.runs[before:])
+    return Scenario("", "", "joiner", running + 1, 0, wall_s=wall, tokens=tokens,
+                    aggregate_tokens_per_s=tokens / wall if wall else 0.0,
+                    first_text_p50_s=percentile(firsts, 0.5), first_text_p95_s=percentile(firsts, 0.95),
+                    peak_rss_delta_mb=memory.peak, failed=failed,
+                    others_decoding=statistics.mean(others) if others else 0.0)
+
+
 async def bench_model(settings: Settings, name: str, chats: tuple[int, ...], max_new: int) -> list[Scenario]:
     from bot.core.service import ChatService
     from bot.engines import create_engine
@@ -193,6 +232,16 @@ async def bench_model(settings: Settings, name: str, chats: tuple[int, ...], max
                         scenario.peak_batch = scheduler.peak_rows if scheduler is not None else 1
                         results.append(scenario)
                         print_row(scenario, results, flush=True)
+                if max(chats) > 1:
+                    scheduler = getattr(engine.inner, "scheduler", None)
+                    if scheduler is not None:
+                        scheduler.peak_rows = 0
+                    scenario = await join_while_decoding(service, engine, max(chats) - 1, run=len(results))
+                    scenario.model, scenario.mode = name, mode
+                    scenario.max_batch = getattr(engine.inner, "max_batch", 1)
+                    scenario.peak_batch = scheduler.peak_rows if scheduler is not None else 1
+                    results.append(scenario)
+                    print_row(scenario, results, flush=True)
     add_ratios(results)
     return results
 
