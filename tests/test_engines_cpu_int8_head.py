@@ -67,3 +67,62 @@ def test_without_our_kernels_the_head_stays_16_bit(monkeypatch: pytest.MonkeyPat
     model = TinyLM(q8_0_weight(64, 64))
     assert not quantize_output_head(model, rows=None)
     assert isinstance(model.lm_head, nn.Linear)
+
+
+class TiedLM(TinyLM):
+    """A model whose head shares its weight with the input embedding (as SmolLM2's does)."""
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        super().__init__(weight)
+        self.embed = nn.Embedding(weight.shape[0], weight.shape[1], dtype=weight.dtype)
+        self.embed.weight = self.lm_head.weight
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.embed
+
+
+def race_won_at(one_row: bool):  # type: ignore[no-untyped-def]
+    """A stand-in for the kernel race: ours faster at one row only (or at batches only)."""
+    def race(ours: nn.Module, theirs: nn.Module, rows: tuple[int, ...], dtype: torch.dtype) -> dict:
+        fast, slow = 1.0, 2.0
+        ours_s = {m: (fast if (m == 1) == one_row else slow) for m in rows}
+        torch_s = {m: 1.5 for m in rows}
+        return {"ours_faster": sum(ours_s.values()) < sum(torch_s.values()),
+                "seconds": {"ours": ours_s, "torch": torch_s}}
+    return race
+
+
+@pytest.mark.parametrize("one_row", [True, False])
+def test_a_tied_head_runs_each_width_on_the_kernel_that_won_it(monkeypatch: pytest.MonkeyPatch,
+                                                               one_row: bool) -> None:
+    """Our 8-bit kernel for one chat and the 16-bit matmul for batches (or the other way round), when the race
+    splits so and the 16-bit weight stays anyway as the input embedding."""
+    from bot.engines.cpu import int4
+    from bot.engines.cpu.int8_head import HeadByWidth
+    from bot.engines.kernel_report import LoadFacts, inspect_modules
+
+    monkeypatch.setattr(int4, "race", race_won_at(one_row))
+    weight = q8_0_weight(256, 128).bfloat16()
+    model = TiedLM(weight)
+    with torch.inference_mode():
+        assert quantize_output_head(model, rows=(1, 8))
+        head = model.lm_head
+        assert isinstance(head, HeadByWidth)
+        eight_bit, sixteen_bit = Int8Linear(*quantize_rows(weight)), nn.functional.linear
+        one, batch = torch.randn(1, 1, 128).bfloat16(), torch.randn(4, 1, 128).bfloat16()
+        if one_row:
+            assert torch.equal(head(one), eight_bit(one)) and torch.equal(head(batch), sixteen_bit(batch, weight))
+        else:
+            assert torch.equal(head(one), sixteen_bit(one, weight)) and torch.equal(head(batch), eight_bit(batch))
+    report = inspect_modules("tiny", "GPTQ 4-bit", model.modules(), LoadFacts(device="cpu", compiled=True))
+    assert ("8-bit head for one chat" if one_row else "8-bit head for batches") in report.extras
+
+
+def test_an_untied_head_takes_the_winner_over_both_widths(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Keeping both heads would cost memory when the 16-bit weight is not needed elsewhere: one head for all."""
+    from bot.engines.cpu import int4
+
+    monkeypatch.setattr(int4, "race", race_won_at(one_row=True))  # ours 1.0 + 2.0 against torch's 1.5 + 1.5
+    model = TinyLM(q8_0_weight(256, 128).bfloat16())
+    assert not quantize_output_head(model, rows=(1, 8))  # a tie over both widths: the 16-bit head stays
+    assert isinstance(model.lm_head, nn.Linear)

@@ -375,7 +375,11 @@ def test_the_real_gptq_build_reports_the_kernel_that_won() -> None:
         model = engine.model
         int4 = ("our int4 kernel" if model.quantbot_int4_race["ours_faster"]
                 else "torch's int4 kernel (faster than ours here)")
-        head = ", 8-bit head" if getattr(model, "quantbot_head_race", {}).get("ours_faster") else ""
+        race = getattr(model, "quantbot_head_race", {})
+        head = ", 8-bit head" if race.get("ours_faster") else ""
+        if race.get("by_width"):
+            head = ", 8-bit head for one chat" if race["seconds"]["ours"][1] < race["seconds"]["torch"][1] \
+                else ", 8-bit head for batches"
         assert report.summary() == f"smollm2-gptq: GPTQ 4-bit on CPU, {int4}{head}, eager"
         assert report.warning() is None
     finally:

@@ -51,17 +51,18 @@ def test_answers_a_simple_question(engine: TransformersEngine) -> None:
 @pytest.mark.slow
 def test_decodes_on_the_faster_cpu_kernels(engine: TransformersEngine) -> None:
     """On the CPU every 4-bit projection runs on the int4 kernel that won the race at load (ours or torch's, by
-    CPU), and the output head on our int8 kernel where that won too."""
+    CPU), and the output head on our int8 kernel where that won too (at one width, or at all)."""
     from bot.engines.cpu.int4 import NativeInt4Linear, PackedInt4Linear
-    from bot.engines.cpu.int8_head import Int8Linear
+    from bot.engines.cpu.int8_head import HeadByWidth, Int8Linear
 
     model = engine.model
     winner = NativeInt4Linear if model.quantbot_int4_race["ours_faster"] else PackedInt4Linear
     layers = [m for m in model.modules() if isinstance(m, (NativeInt4Linear, PackedInt4Linear))]
     assert len(layers) == 4 * model.config.num_hidden_layers  # q/k/v fused, o, gate/up fused, down
     assert all(isinstance(m, winner) for m in layers)
-    head_won = getattr(model, "quantbot_head_race", {"ours_faster": False})["ours_faster"]
-    assert isinstance(model.get_output_embeddings(), Int8Linear) == head_won
+    race = getattr(model, "quantbot_head_race", {"ours_faster": False})
+    want = HeadByWidth if race.get("by_width") else Int8Linear if race["ours_faster"] else torch.nn.Linear
+    assert type(model.get_output_embeddings()) is want
     assert isinstance(model.get_input_embeddings(), torch.nn.Embedding)  # the (tied) embedding is untouched
 
 

@@ -55,6 +55,7 @@ OUR_CPU_LAYERS: dict[str, Kernel] = {
     "PackedInt4Linear": Kernel("torch's int4 kernel", "acceptable", TORCH_INT4_COST),
 }
 HEAD_CLASS = "Int8Linear"
+HEAD_BY_WIDTH_CLASS = "HeadByWidth"  # the 8-bit head for one row or for batches, the 16-bit one for the other
 # GPTQModel's layer classes, matched in order by a pattern on the class name (they are many and versioned).
 GPU_PATTERNS: tuple[tuple[str, Kernel], ...] = (
     ("marlin", Kernel("Marlin", "fast")),
@@ -169,12 +170,15 @@ def inspect_modules(model_name: str, quant: str, modules: Iterable[Any], facts: 
     """Rate every quantized layer in `modules` (a model's ``.modules()``) for ``facts.device``."""
     report = KernelReport(model_name, quant, device_label or ("GPU" if facts.device == "cuda" else "CPU"))
     counts: Counter[str] = Counter()
-    head = False
+    head = ""
     unknown: Counter[str] = Counter()
     for module in modules:
         name = type(module).__name__
+        if name == HEAD_BY_WIDTH_CLASS:
+            head = "8-bit head for one chat" if type(module.one).__name__ == HEAD_CLASS else "8-bit head for batches"
+            continue
         if name == HEAD_CLASS:
-            head = True
+            head = head or "8-bit head"
             continue
         kernel = classify_layer(name, facts.device)
         if kernel is not None and name == "PackedInt4Linear" and facts.torch_int4_faster:
@@ -190,7 +194,7 @@ def inspect_modules(model_name: str, quant: str, modules: Iterable[Any], facts: 
         report.degrade("acceptable", f"{name} is a kernel this report does not know")
     report.kernels = dict(counts.most_common())
     if head:
-        report.extras.append("8-bit head")
+        report.extras.append(head)
     _rate_decode(report, facts)
     if facts.backend_note:
         report.extras.append(facts.backend_note)

@@ -54,7 +54,7 @@ class BatchCache(Cache):
 
     :attr:`mask` is True where a row has a real token; :meth:`step_mask` marks the column the next step writes.
     Every change of shape (a row joins or leaves, room is added) makes new buffers, so a step's graph always sees
-    contiguous inputs (a view would recompile it)."""
+    inputs with fresh strides (a view would recompile it)."""
 
     def __init__(self, layers: list[tuple[torch.Tensor, torch.Tensor]], mask: torch.Tensor, width: int) -> None:
         self.width = width
@@ -123,10 +123,17 @@ class BatchCache(Cache):
         self._replace(layers, mask, self.width - start)
 
     def _replace(self, layers: list[tuple[torch.Tensor, torch.Tensor]], mask: torch.Tensor, width: int) -> None:
-        self.mask, self.width = mask.contiguous(), width
+        self.mask, self.width = _dense(mask), width
         self.column.fill_(width)
         for layer, (keys, values) in zip(self.layers, layers, strict=True):
-            layer.keys, layer.values = keys.contiguous(), values.contiguous()
+            layer.keys, layer.values = _dense(keys), _dense(values)
+
+
+def _dense(tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor` with the strides a fresh tensor of its shape has. ``contiguous()`` is not enough: it keeps any
+    stride of a size-1 dimension (one row left after a trim), and the compiled step guards on those strides."""
+    dense = torch.empty(tensor.shape, dtype=tensor.dtype, device=tensor.device)
+    return tensor if tensor.stride() == dense.stride() else dense.copy_(tensor)
 
 
 def _pad(tensor: torch.Tensor, left: int, right: int) -> torch.Tensor:

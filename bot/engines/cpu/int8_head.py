@@ -34,6 +34,18 @@ class Int8Linear(nn.Module):
         return torch.ops.quantbot.int8_linear(x, self.qweight, self.scales)
 
 
+class HeadByWidth(nn.Module):
+    """One row (a single chat's step) on `one`, several rows (a batch) on `many`: where the race found our 8-bit
+    kernel faster at one width and the 16-bit matmul at the other (AMX runs bf16 matmuls of 8 rows in hardware)."""
+
+    def __init__(self, one: nn.Module, many: nn.Module) -> None:
+        super().__init__()
+        self.one, self.many = one, many
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.one(x) if x.numel() == x.shape[-1] else self.many(x)
+
+
 def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Codes int8 [N, K] in the kernel's lane order (per 32 inputs, lane l holds input 8p+l in byte p) and
     float32 scales [N, K/32]."""
@@ -48,8 +60,9 @@ def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def quantize_output_head(model: nn.Module, rows: tuple[int, ...] | None = (1,)) -> bool:
     """Swap `model`'s 16-bit output head for :class:`Int8Linear` where our kernel builds and is faster for the
-    batch sizes `rows` than the 16-bit matmul (not so with AMX, which runs bf16 matmuls in hardware); True if
-    swapped. `rows` None swaps without racing."""
+    batch sizes `rows` than the 16-bit matmul (not so with AMX, which runs bf16 matmuls in hardware), or for
+    :class:`HeadByWidth` where each wins at one width and the 16-bit weight is tied to the input embedding; True
+    if swapped. `rows` None swaps without racing."""
     from bot.engines.cpu.int4 import race
     from bot.engines.cpu.native import kernels
 
@@ -67,8 +80,23 @@ def quantize_output_head(model: nn.Module, rows: tuple[int, ...] | None = (1,)) 
     if rows is not None:  # None: no race (tests of its arithmetic)
         result = race(int8, head, rows, head.weight.dtype)
         model.quantbot_head_race = result  # type: ignore[assignment]
+        seconds = result["seconds"]
+        ours_at = {m: seconds["ours"][m] < seconds["torch"][m] for m in rows}
+        if len(set(ours_at.values())) > 1 and _tied(model, head):
+            # Each width on its winner; free where the 16-bit weight stays anyway, as the input embedding.
+            one, many = (int8, head) if ours_at[min(rows)] else (head, int8)
+            model.set_output_embeddings(HeadByWidth(one, many))
+            result["by_width"] = True
+            return True
         if not result["ours_faster"]:
             log.debug("the 16-bit head is faster here: %s", result)
             return False
     model.set_output_embeddings(int8)
     return True
+
+
+def _tied(model: nn.Module, head: nn.Linear) -> bool:
+    """Whether the head shares its weight with the input embedding (SmolLM2 and many small models do)."""
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    weight = getattr(embeddings, "weight", None)
+    return weight is not None and weight.data_ptr() == head.weight.data_ptr()
