@@ -209,6 +209,22 @@ def test_an_error_in_a_batched_step_fails_its_replies_and_the_engine_goes_on(eng
     assert after.strip()
 
 
+def test_a_failed_prefill_fails_its_joiners_and_not_the_running_replies(engine: TransformersEngine,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    long = GenerationParams(max_new_tokens=60, temperature=0.0, repetition_penalty=1.0)
+    running = request_for(engine, "Count from one to one hundred in words.", long)
+    engine.scheduler.submit(running)
+    tokens = running.stream()
+    next(tokens)  # decoding now
+    forwards = engine.scheduler.model
+    monkeypatch.setattr(forwards, "prefill", failing_once(forwards.prefill, RuntimeError("out of memory (simulated)")))
+    with pytest.raises(EngineError, match="failed while writing the reply"):
+        engine.chat([ChatMessage("user", "Say hello.")], GREEDY)
+    rest = list(tokens)
+    assert running.finish in ("stop", "length") and rest  # the running reply went on to its end
+    assert engine.chat([ChatMessage("user", "Say hello.")], GREEDY).strip()  # and the next joiner is served
+
+
 def test_torch_work_stays_on_the_engine_thread(engine: TransformersEngine) -> None:
     """Once a second thread runs torch ops, OpenMP halves the decode speed for the rest of the process."""
     seen: set[int] = set()
