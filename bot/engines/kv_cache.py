@@ -83,7 +83,7 @@ class BatchCache(Cache):
     def step_mask(self) -> torch.Tensor:
         """[rows, 1, 1, capacity] for the next step, which writes column `width` (room is added first if full)."""
         if self.width >= self.capacity:
-            self._reshape(torch.arange(self.rows, device=self.mask.device), 0, self.width + GROW_COLUMNS)
+            self._reshape(None, 0, self.width + GROW_COLUMNS)
         self.mask[:, self.width] = True
         return self.mask[:, None, None, :]
 
@@ -114,12 +114,19 @@ class BatchCache(Cache):
         start = int(mask.any(0).int().argmax())  # the first column some row still needs
         self._reshape(rows, start, self.capacity)
 
-    def _reshape(self, rows: torch.Tensor, start: int, capacity: int) -> None:
-        """New buffers of these rows, from column `start`, with `capacity` - `start` columns."""
+    def _reshape(self, rows: torch.Tensor | None, start: int, capacity: int) -> None:
+        """New buffers of these rows (None: all), from column `start`, with `capacity` - `start` columns; each
+        buffer is copied once (cut, then picked or padded)."""
         extra = capacity - self.capacity
-        layers = [(_pad(layer.keys.index_select(0, rows)[:, :, start:], 0, extra),
-                   _pad(layer.values.index_select(0, rows)[:, :, start:], 0, extra)) for layer in self.layers]
-        mask = functional.pad(self.mask.index_select(0, rows)[:, start:], (0, extra))
+
+        def cut(tensor: torch.Tensor, columns: slice) -> torch.Tensor:
+            part = tensor[columns]
+            return part.index_select(0, rows) if rows is not None else part
+
+        kv = (slice(None), slice(None), slice(start, None))
+        layers = [(_pad(cut(layer.keys, kv), 0, extra), _pad(cut(layer.values, kv), 0, extra))
+                  for layer in self.layers]
+        mask = functional.pad(cut(self.mask, (slice(None), slice(start, None))), (0, extra))
         self._replace(layers, mask, self.width - start)
 
     def _replace(self, layers: list[tuple[torch.Tensor, torch.Tensor]], mask: torch.Tensor, width: int) -> None:
@@ -132,8 +139,13 @@ class BatchCache(Cache):
 def _dense(tensor: torch.Tensor) -> torch.Tensor:
     """`tensor` with the strides a fresh tensor of its shape has. ``contiguous()`` is not enough: it keeps any
     stride of a size-1 dimension (one row left after a trim), and the compiled step guards on those strides."""
-    dense = torch.empty(tensor.shape, dtype=tensor.dtype, device=tensor.device)
-    return tensor if tensor.stride() == dense.stride() else dense.copy_(tensor)
+    strides, step = [], 1
+    for size in reversed(tensor.shape):
+        strides.append(step)
+        step *= max(size, 1)  # (as torch strides a fresh tensor)
+    if tensor.stride() == tuple(reversed(strides)):
+        return tensor
+    return torch.empty(tensor.shape, dtype=tensor.dtype, device=tensor.device).copy_(tensor)
 
 
 def _pad(tensor: torch.Tensor, left: int, right: int) -> torch.Tensor:
