@@ -1,8 +1,8 @@
 """Continuous batching for a local Transformers model: one decode loop over every active reply.
 
 Decoding is memory-bound: reading the weights once for eight rows costs little more than for one. A reply that
-arrives while others decode is prefilled (with whoever arrived with it) and joins at the next step; a reply that ends leaves at once and
-its slot is reused. The loop runs on the engine thread (:mod:`bot.engines.engine_thread`) as numbered steps:
+arrives while others decode is prefilled (with whoever arrived with it) and joins at the next step; a reply that
+ends leaves at once and its slot is reused. The loop runs on the engine thread (:mod:`bot.engines.engine_thread`) as numbered steps:
 
 1. admit   - pending replies join while the batch has a free row and the KV cache budget allows
 2. prefill - the joiners' prompts in one left-padded forward, their first tokens out at once; their cache joins
@@ -117,7 +117,6 @@ class BatchScheduler:
         self.kv_budget_tokens = kv_budget_tokens  # rows x padded length the cache may hold; None: unbounded
         self.rows: list[Row] = []
         self.cache: BatchCache | None = None
-        self.positions: torch.Tensor | None = None  # [rows] the position of each row's next token
         self._pending: list[Request] = []
         self._lock = threading.Lock()
         self._looping = False
@@ -189,7 +188,7 @@ class BatchScheduler:
             log.warning("joining the batch failed: %r", exc)
             for row in rows + self.rows:
                 row.request.out.put(Failed(exc))
-            self.rows, self.cache, self.positions = [], None, None
+            self.rows, self.cache = [], None
 
     def _admit(self) -> list[Request]:
         """1. admit: the oldest pending requests while they fit, first come first served (no one jumps a reply
@@ -242,13 +241,10 @@ class BatchScheduler:
         return Row(request, self._processors(params), generator, seen)
 
     def _join(self, rows: list[Row], cache: BatchCache) -> None:
-        positions = torch.tensor([len(row.request.ids) for row in rows], device=self.device)
         if self.cache is None:
-            self.cache, self.positions = cache, positions
+            self.cache = cache
         else:
-            assert self.positions is not None
             self.cache.join(cache)
-            self.positions = torch.cat([self.positions, positions])
         self.rows.extend(rows)
         self.peak_rows = max(self.peak_rows, len(self.rows))
 
@@ -262,11 +258,11 @@ class BatchScheduler:
         if not self.rows:
             return
         rows = self.rows
-        assert self.cache is not None and self.positions is not None
+        assert self.cache is not None
         try:
             # 3. decode
             tokens = torch.stack([row.last for row in rows])  # [rows, 1]
-            logits = self.model.decode(tokens, self.positions[:, None], self.cache.step_mask(), self.cache)
+            logits = self.model.decode(tokens, self.cache.positions[:, None], self.cache.step_mask(), self.cache)
             # 4. sample
             picked = [self._sample(row, logits[i:i + 1]) for i, row in enumerate(rows)]
             ids = torch.cat(picked).tolist()  # the one host sync of the step
@@ -277,7 +273,6 @@ class BatchScheduler:
             self._retire(list(range(len(rows))))
             return
         self.cache.advance()
-        self.positions = self.positions + 1
         # 5. emit, 6. retire
         done = [i for i, (row, token) in enumerate(zip(rows, ids, strict=True))
                 if not self._emit(row, token, picked[i])]
@@ -318,12 +313,10 @@ class BatchScheduler:
         keep = [i for i in range(len(self.rows)) if i not in gone]
         self.rows = [self.rows[i] for i in keep]
         if not keep:
-            self.cache = self.positions = None
+            self.cache = None
             return
-        assert self.cache is not None and self.positions is not None
-        index = torch.tensor(keep, device=self.device)
-        self.cache.keep(index)
-        self.positions = self.positions.index_select(0, index)
+        assert self.cache is not None
+        self.cache.keep(torch.tensor(keep, device=self.device))
 
     def fail_all(self, error: BaseException) -> None:
         """Unload: every reply still here ends with `error` (engine thread, between steps)."""
@@ -332,7 +325,7 @@ class BatchScheduler:
         for request in [row.request for row in self.rows] + pending:
             request.out.put(Failed(error))
         self.rows = []
-        self.cache = self.positions = None
+        self.cache = None
 
 
 def sample(scores: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> torch.Tensor:

@@ -52,7 +52,8 @@ class BatchLayer(CacheLayerMixin):
 class BatchCache(Cache):
     """Every row's cache; the columns [0, width) hold the tokens so far, each row's right-aligned after its padding.
 
-    :attr:`mask` is True where a row has a real token; :meth:`step_mask` marks the column the next step writes.
+    :attr:`mask` is True where a row has a real token; :meth:`step_mask` marks the column the next step writes;
+    :attr:`positions` [rows] is each row's count of real tokens, the position of its next one.
     Every change of shape (a row joins or leaves, room is added) makes new buffers, so a step's graph always sees
     inputs with fresh strides (a view would recompile it)."""
 
@@ -60,6 +61,7 @@ class BatchCache(Cache):
         self.width = width
         self.column = torch.tensor([width], device=mask.device)
         self.mask = mask  # [rows, capacity] bool
+        self.positions = mask.sum(-1)
         super().__init__(layers=[BatchLayer(k, v, self.column) for k, v in layers])
 
     @classmethod
@@ -88,9 +90,10 @@ class BatchCache(Cache):
         return self.mask[:, None, None, :]
 
     def advance(self) -> None:
-        """After a step: its column is filled."""
+        """After a step: its column is filled, and every row has one token more."""
         self.width += 1
         self.column.fill_(self.width)
+        self.positions = self.positions + 1
 
     def join(self, other: BatchCache) -> None:
         """Add the rows of another batch cache (a prefill's) below these; the narrower side is padded on the left,
@@ -100,7 +103,7 @@ class BatchCache(Cache):
         mine, theirs = self._spread(width, room), other._spread(width, room)
         layers = [(torch.cat([k1, k2]), torch.cat([v1, v2])) for (k1, v1), (k2, v2) in zip(mine[0], theirs[0],
                                                                                                strict=True)]
-        self._replace(layers, torch.cat([mine[1], theirs[1]]), width)
+        self._replace(layers, torch.cat([mine[1], theirs[1]]), width, torch.cat([self.positions, other.positions]))
 
     def _spread(self, width: int, room: int) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor]:
         """The layers and mask padded to `width` columns in use and `room` free ones after them."""
@@ -127,10 +130,11 @@ class BatchCache(Cache):
         layers = [(_pad(cut(layer.keys, kv), 0, extra), _pad(cut(layer.values, kv), 0, extra))
                   for layer in self.layers]
         mask = functional.pad(cut(self.mask, (slice(None), slice(start, None))), (0, extra))
-        self._replace(layers, mask, self.width - start)
+        self._replace(layers, mask, self.width - start, cut(self.positions, slice(None)))
 
-    def _replace(self, layers: list[tuple[torch.Tensor, torch.Tensor]], mask: torch.Tensor, width: int) -> None:
-        self.mask, self.width = _dense(mask), width
+    def _replace(self, layers: list[tuple[torch.Tensor, torch.Tensor]], mask: torch.Tensor, width: int,
+                 positions: torch.Tensor) -> None:
+        self.mask, self.width, self.positions = _dense(mask), width, positions
         self.column.fill_(width)
         for layer, (keys, values) in zip(self.layers, layers, strict=True):
             layer.keys, layer.values = _dense(keys), _dense(values)

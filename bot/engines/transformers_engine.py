@@ -513,7 +513,7 @@ class _Forwards:
         mask = torch.tensor([[False] * (width - len(p)) + [True] * len(p) for p in prompts], device=model.device)
         cache = DynamicCache(config=model.config)
         padded: dict[str, Any] = {}
-        if not bool(mask.all()):
+        if any(len(p) < width for p in prompts):
             padded = {"attention_mask": mask.long(), "position_ids": (mask.long().cumsum(-1) - 1).clamp(min=0)}
         logits = model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1, **padded).logits
         return logits[:, -1, :], BatchCache.from_prompt(cache, mask)
