@@ -61,19 +61,21 @@ class Scores:
     def __init__(self, engine: TransformersEngine, monkeypatch: pytest.MonkeyPatch) -> None:
         scheduler = engine.scheduler
         assert scheduler is not None
-        self.steps: dict[int, list[tuple[int, torch.Tensor]]] = {}
+        # Keyed by the request itself, which keeps it alive: an id() could be reused by the next request once the
+        # last one is freed, and its steps would then land in the earlier request's list.
+        self.steps: dict[Request, list[tuple[int, torch.Tensor]]] = {}
         sample = scheduler._sample
 
         def recording(row: Any, logits: torch.Tensor) -> torch.Tensor:
             token = sample(row, logits)
             scores = row.processors(row.seen, logits.float())[0]
-            self.steps.setdefault(id(row.request), []).append((int(token), scores))
+            self.steps.setdefault(row.request, []).append((int(token), scores))
             return token
 
         monkeypatch.setattr(scheduler, "_sample", recording)
 
     def of(self, request: Request) -> list[tuple[int, torch.Tensor]]:
-        return self.steps[id(request)]
+        return self.steps[request]
 
 
 def request_for(engine: TransformersEngine, question: str, params: GenerationParams = GREEDY) -> Request:
