@@ -64,15 +64,15 @@ class Scores:
         # Keyed by the request itself, which keeps it alive: an id() could be reused by the next request once the
         # last one is freed, and its steps would then land in the earlier request's list.
         self.steps: dict[Request, list[tuple[int, torch.Tensor]]] = {}
-        sample = scheduler._sample
+        pick = scheduler._pick
 
-        def recording(row: Any, logits: torch.Tensor) -> torch.Tensor:
-            token = sample(row, logits)
-            scores = row.processors(row.seen, logits.float())[0]
-            self.steps.setdefault(row.request, []).append((int(token), scores))
-            return token
+        def recording(rows: list[Any], scores: torch.Tensor) -> torch.Tensor:
+            tokens = pick(rows, scores)
+            for row, token, row_scores in zip(rows, tokens.tolist(), scores, strict=True):
+                self.steps.setdefault(row.request, []).append((token, row_scores))
+            return tokens
 
-        monkeypatch.setattr(scheduler, "_sample", recording)
+        monkeypatch.setattr(scheduler, "_pick", recording)
 
     def of(self, request: Request) -> list[tuple[int, torch.Tensor]]:
         return self.steps[request]

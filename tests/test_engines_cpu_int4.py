@@ -12,6 +12,7 @@ from bot.engines.cpu.int4 import (
     PackedInt4Linear,
     SharedInputHead,
     SharedInputTail,
+    choose_dense_rows,
     nibble_pack,
     streamline,
 )
@@ -126,6 +127,66 @@ def test_cpu_kernels_off_keeps_torchs_kernel_where_ours_builds() -> None:
     attn = Attention(act_order=False)
     assert streamline(attn, native=False) == 4
     assert isinstance(attn.o_proj, PackedInt4Linear) and isinstance(attn.q_proj.fused, PackedInt4Linear)
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_a_long_prompt_unpacks_the_weight_once_and_computes_the_same(act_order: bool,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """From `dense_from` rows a layer on torch's int4 kernel unpacks its weight to bf16 (torch's packing, read by
+    quantbot::int4pack_weight) for one matmul; fewer rows (decode steps) stay on the int4 kernel."""
+    attn = Attention(act_order)
+    assert streamline(attn, native=False) == 4
+    layers = [attn.o_proj, attn.q_proj.fused]
+    unpacked: list[int] = []
+    for layer in layers:
+        assert isinstance(layer, PackedInt4Linear)
+        original = layer.dense_weight
+        monkeypatch.setattr(layer, "dense_weight", lambda o=original: unpacked.append(1) or o())
+    for rows in (8, 64):
+        x = torch.randn(rows, 128, dtype=torch.bfloat16)
+        with torch.inference_mode():
+            want = [layer(x).float() for layer in layers]
+            for layer in layers:
+                layer.dense_from = 16
+            unpacked.clear()
+            got = [layer(x).float() for layer in layers]
+            for layer in layers:
+                layer.dense_from = None
+        assert len(unpacked) == (len(layers) if rows >= 16 else 0)
+        for g, w in zip(got, want, strict=True):
+            assert torch.allclose(g, w, rtol=0.02, atol=0.01 * float(w.abs().max()))
+
+
+@pytest.mark.parametrize(("dense_faster_from", "chosen"), [(32, 32), (None, None)])
+def test_prompts_unpack_from_the_size_the_timing_at_load_picks(dense_faster_from: int | None, chosen: int | None,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    from bot.engines.cpu import int4 as cpu_int4
+
+    def seconds(layer: nn.Module, rows: int, dtype: torch.dtype) -> float:
+        if layer.dense_from is None:
+            return 2.0
+        return 1.0 if dense_faster_from is not None and rows >= dense_faster_from else 3.0
+
+    monkeypatch.setattr(cpu_int4, "call_seconds", seconds)
+    attn = Attention(act_order=False)
+    streamline(attn, native=False)
+    assert choose_dense_rows(attn, torch.bfloat16) == chosen
+    layers = [m for m in attn.modules() if isinstance(m, PackedInt4Linear)]
+    assert layers and all(m.dense_from == chosen for m in layers)
+    assert attn.quantbot_dense_prompts["from_rows"] == chosen
+
+
+def test_an_unpacking_that_disagrees_with_torchs_kernel_is_not_used(monkeypatch: pytest.MonkeyPatch,
+                                                                     caplog: pytest.LogCaptureFixture) -> None:
+    """A packing layout our unpacking misreads (another torch, another CPU) keeps prompts on the int4 kernel."""
+    attn = Attention(act_order=False)
+    streamline(attn, native=False)
+    monkeypatch.setattr(PackedInt4Linear, "dense_weight",
+                        lambda self: torch.zeros(self.in_features, self.out_features, dtype=torch.bfloat16))
+    with caplog.at_level("WARNING"):
+        assert choose_dense_rows(attn, torch.bfloat16) is None
+    assert all(m.dense_from is None for m in attn.modules() if isinstance(m, PackedInt4Linear))
+    assert any("disagree" in r.getMessage() for r in caplog.records)
 
 
 def test_one_query_attention_matches_sdpa() -> None:

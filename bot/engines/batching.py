@@ -7,7 +7,8 @@ ends leaves at once and its slot is reused. The loop runs on the engine thread (
 1. admit   - pending replies join while the batch has a free row and the KV cache budget allows
 2. prefill - the joiners' prompts in one left-padded forward, their first tokens out at once; their cache joins
 3. decode  - one forward for all rows: left-padded cache, a padding mask, each row's own positions
-4. sample  - each row with its own settings: repetition penalty over its own tokens, temperature/top-p, seed
+4. sample  - all rows at once, each with its own settings: repetition penalty over its own tokens, greedy or
+             temperature/top-p drawn from its own seeded generator
 5. emit    - the new tokens go to each reply's consumer (one host sync for the whole batch)
 6. retire  - rows that hit an end-of-turn token, their budget or /stop leave; padding no row needs is cut
 
@@ -21,11 +22,12 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
+from torch.nn import functional
 
 from bot.engines.base import CancelToken, GenerationParams
 from bot.engines.engine_thread import EngineThread
@@ -88,13 +90,11 @@ class Request:
 
 @dataclass(eq=False)
 class Row:
-    """A request's decoding state on the engine thread."""
+    """A request's decoding state on the engine thread (its tokens so far and next input live in the batch's
+    tensors, :attr:`BatchScheduler.seen` and :attr:`BatchScheduler.last`, in the order of the rows)."""
 
     request: Request
-    processors: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
     generator: torch.Generator | None
-    seen: torch.Tensor  # [1, n] the tokens its repetition penalty looks at
-    last: torch.Tensor | None = None  # [1] the token to feed at the next step
     produced: int = 0
 
     @property
@@ -107,16 +107,19 @@ class BatchScheduler:
     """Owns the batch of one loaded model; :meth:`submit` from any thread, the loop runs on `thread`."""
 
     def __init__(self, model: BatchModel, thread: EngineThread, end_ids: frozenset[int], special_ids: frozenset[int],
-                 processors: Callable[[GenerationParams], Any], device: torch.device, max_batch: int,
-                 kv_budget_tokens: int | None) -> None:
+                 device: torch.device, max_batch: int, kv_budget_tokens: int | None) -> None:
         self.model, self.thread = model, thread
         self.end_ids, self.special_ids = end_ids, special_ids
-        self._processors = processors
         self.device = device
         self.max_batch = max(1, max_batch)
         self.kv_budget_tokens = kv_budget_tokens  # rows x padded length the cache may hold; None: unbounded
         self.rows: list[Row] = []
         self.cache: BatchCache | None = None
+        # [rows, n] the tokens each row's repetition penalty covers; the vocabulary size stands for none (padding)
+        self.seen: torch.Tensor | None = None
+        self.vocab = 0  # the model's, known from its first logits
+        self.last: torch.Tensor | None = None  # [rows] each row's newest token, the next step's input
+        self._ended: list[tuple[Request, str]] = []  # replies that ended this step, told once their rows left
         self._pending: list[Request] = []
         self._lock = threading.Lock()
         self._looping = False
@@ -174,21 +177,21 @@ class BatchScheduler:
         if not joiners:
             return
         try:
-            rows, cache = self._prefill(joiners)
+            joined = self._prefill(joiners)
         except Exception as exc:  # noqa: BLE001 - these replies fail; the batch goes on
             log.warning("prefill of %d prompts failed: %r", len(joiners), exc)
             for request in joiners:
                 request.out.put(Failed(exc))
             return
-        if not rows:
+        if not joined.rows:
             return
         try:
-            self._join(rows, cache)
+            self._join(joined)
         except Exception as exc:  # noqa: BLE001 - the batch's cache may be half merged: its replies fail too
             log.warning("joining the batch failed: %r", exc)
-            for row in rows + self.rows:
+            for row in joined.rows + self.rows:
                 row.request.out.put(Failed(exc))
-            self.rows, self.cache = [], None
+            self.rows, self.cache, self.seen, self.last = [], None, None, None
 
     def _admit(self) -> list[Request]:
         """1. admit: the oldest pending requests while they fit, first come first served (no one jumps a reply
@@ -217,106 +220,152 @@ class BatchScheduler:
         return self.kv_budget_tokens is None or len(lengths) == 1 or \
             len(lengths) * max(lengths) <= self.kv_budget_tokens
 
-    def _prefill(self, requests: list[Request]) -> tuple[list[Row], BatchCache]:
+    def _prefill(self, requests: list[Request]) -> Joined:
         """2. prefill: the prompts in one forward (left-padded), each first token sampled and emitted; the rows
-        still going and their prompts' cache (without the rows that ended at their first token)."""
+        still going, with their prompts' cache (without the rows that ended at their first token)."""
         rows = [self._new_row(request) for request in requests]
         logits, cache = self.model.prefill([request.ids for request in requests])
-        picked = [self._sample(row, logits[i:i + 1]) for i, row in enumerate(rows)]
-        ids = torch.cat(picked).tolist()
-        going = [i for i, (row, token) in enumerate(zip(rows, ids, strict=True)) if self._emit(row, token, picked[i])]
+        # The repetition penalty looks at the text so far without the chat template's special tokens, which every
+        # prompt repeats; penalizing <|im_end|> would keep the model from ending its turn.
+        vocab = self.vocab = logits.shape[-1]
+        own = [[t for t in request.ids if t not in self.special_ids] for request in requests]
+        width = max(1, *(len(ids) for ids in own))
+        seen = torch.tensor([ids + [vocab] * (width - len(ids)) for ids in own], device=self.device)
+        picked = self._pick(rows, self._scores(rows, logits, seen))
+        going, ids = self._emit(rows, picked)
+        joined = Joined([rows[i] for i in going], cache, self._seen_with(seen, ids, vocab), picked)
         if going and len(going) < len(rows):
-            cache.keep(torch.tensor(going, device=self.device))
-        return [rows[i] for i in going], cache
+            joined.keep(torch.tensor(going, device=self.device))
+        self._tell_ended()
+        return joined
 
     def _new_row(self, request: Request) -> Row:
         params = request.params
         generator = None
         if params.seed is not None and not params.greedy:
             generator = torch.Generator(device=self.device).manual_seed(params.seed)
-        # The repetition penalty looks at the text so far without the chat template's special tokens, which every
-        # prompt repeats; penalizing <|im_end|> would keep the model from ending its turn.
-        seen = torch.tensor([[t for t in request.ids if t not in self.special_ids]], device=self.device,
-                            dtype=torch.long)
-        return Row(request, self._processors(params), generator, seen)
+        return Row(request, generator)
 
-    def _join(self, rows: list[Row], cache: BatchCache) -> None:
-        if self.cache is None:
-            self.cache = cache
+    def _join(self, joined: Joined) -> None:
+        if self.cache is None or self.seen is None or self.last is None:
+            self.cache, self.seen, self.last = joined.cache, joined.seen, joined.last
         else:
-            self.cache.join(cache)
-        self.rows.extend(rows)
+            self.cache.join(joined.cache)
+            width = max(self.seen.shape[1], joined.seen.shape[1])
+            self.seen = torch.cat([functional.pad(t, (0, width - t.shape[1]), value=self.vocab)
+                                   for t in (self.seen, joined.seen)])
+            self.last = torch.cat([self.last, joined.last])
+        self.rows.extend(joined.rows)
         self.peak_rows = max(self.peak_rows, len(self.rows))
 
     def _step(self) -> None:
         """Steps 3-6 for every row."""
         rows = self.rows
         leaving = [i for i, row in enumerate(rows) if row.request.cancel.cancelled]
-        for i in leaving:
-            rows[i].request.out.put(Finished("cancelled"))
+        self._ended.extend((rows[i].request, "cancelled") for i in leaving)
         self._retire(leaving)
         if not self.rows:
             return
         rows = self.rows
-        assert self.cache is not None
+        assert self.cache is not None and self.seen is not None and self.last is not None
         try:
             # 3. decode
-            tokens = torch.stack([row.last for row in rows])  # [rows, 1]
-            logits = self.model.decode(tokens, self.cache.positions[:, None], self.cache.step_mask(), self.cache)
+            logits = self.model.decode(self.last[:, None], self.cache.positions[:, None], self.cache.step_mask(),
+                                       self.cache)
             # 4. sample
-            picked = [self._sample(row, logits[i:i + 1]) for i, row in enumerate(rows)]
-            ids = torch.cat(picked).tolist()  # the one host sync of the step
+            picked = self._pick(rows, self._scores(rows, logits, self.seen))
+            # 5. emit (its .tolist() is the one host sync of the step)
+            going, ids = self._emit(rows, picked)
+            self.seen = self._seen_with(self.seen, ids, logits.shape[-1])
         except Exception as exc:  # noqa: BLE001 - out of memory, a kernel error: these rows fail, the loop goes on
             log.warning("a batched decode step of %d rows failed: %r", len(rows), exc)
+            self._ended = []
             for row in rows:
                 row.request.out.put(Failed(exc))
             self._retire(list(range(len(rows))))
             return
         self.cache.advance()
-        # 5. emit, 6. retire
-        done = [i for i, (row, token) in enumerate(zip(rows, ids, strict=True))
-                if not self._emit(row, token, picked[i])]
-        self._retire(done)
+        self.last = picked
+        # 6. retire
+        self._retire(sorted(set(range(len(rows))) - set(going)))
 
-    def _sample(self, row: Row, logits: torch.Tensor) -> torch.Tensor:
-        """4. sample one row: [1] token id on the model's device."""
-        scores = row.processors(row.seen, logits.float())
-        params = row.request.params
-        if params.greedy:
-            return scores.argmax(dim=-1)
-        return sample(scores[0], params.temperature, params.top_p, row.generator).view(1)
+    def _scores(self, rows: list[Row], logits: torch.Tensor, seen: torch.Tensor) -> torch.Tensor:
+        """4. sample, part one: [rows, vocab] float scores, each row's repetition penalty applied over its own
+        tokens (`seen`), as Transformers' RepetitionPenaltyLogitsProcessor does with one penalty for a batch: a
+        gather and a scatter of the seen tokens' scores (0.17 ms for 8 rows; a mask over the vocabulary took 3 ms).
+        Padding points at a spare column past the vocabulary."""
+        penalties = [row.request.params.repetition_penalty or 1.0 for row in rows]
+        if all(p == 1.0 for p in penalties):
+            return logits.float()
+        rows_n, vocab = logits.shape
+        scores = torch.empty(rows_n, vocab + 1, dtype=torch.float32, device=logits.device)
+        scores[:, :vocab] = logits
+        penalty = torch.tensor(penalties, device=scores.device)[:, None]
+        picked = scores.gather(1, seen)
+        scores.scatter_(1, seen, torch.where(picked < 0, picked * penalty, picked / penalty))
+        return scores[:, :vocab]
 
-    def _emit(self, row: Row, token: int, tensor: torch.Tensor) -> bool:
-        """5. emit a row's token; False when the row is done (and its consumer told why)."""
-        request = row.request
-        if token in self.end_ids:
-            request.out.put(Finished("stop"))
-            return False
-        request.out.put(token)
-        row.produced += 1
-        if row.produced >= request.max_new:
-            request.out.put(Finished("length"))
-            return False
-        if request.cancel.cancelled:
-            request.out.put(Finished("cancelled"))
-            return False
-        if token not in self.special_ids:
-            row.seen = torch.cat([row.seen, tensor.view(1, 1)], dim=1)
-        row.last = tensor.view(1)
-        return True
+    def _pick(self, rows: list[Row], scores: torch.Tensor) -> torch.Tensor:
+        """4. sample, part two: [rows] token ids: the best score for greedy rows, a draw for the others."""
+        picked = scores.argmax(dim=-1)
+        drawn = [i for i, row in enumerate(rows) if not row.request.params.greedy]
+        if not drawn:
+            return picked
+        params = [rows[i].request.params for i in drawn]
+        index = torch.tensor(drawn, device=scores.device)
+        uniforms = torch.cat([torch.rand(1, generator=rows[i].generator, device=scores.device) for i in drawn])
+        tokens = sample(scores.index_select(0, index),
+                        torch.tensor([p.temperature for p in params], device=scores.device),
+                        torch.tensor([p.top_p for p in params], device=scores.device), uniforms)
+        return picked.index_copy(0, index, tokens)
+
+    def _emit(self, rows: list[Row], picked: torch.Tensor) -> tuple[list[int], list[int]]:
+        """5. emit each row's token; the indices of the rows still going, and every row's token. The others'
+        consumers are told why they ended once they have left the batch (:meth:`_tell_ended`)."""
+        going: list[int] = []
+        ids = picked.tolist()
+        for i, (row, token) in enumerate(zip(rows, ids, strict=True)):
+            request = row.request
+            if token in self.end_ids:
+                self._ended.append((request, "stop"))
+                continue
+            request.out.put(token)
+            row.produced += 1
+            if row.produced >= request.max_new:
+                self._ended.append((request, "length"))
+            elif request.cancel.cancelled:
+                self._ended.append((request, "cancelled"))
+            else:
+                going.append(i)
+        return going, ids
+
+    def _seen_with(self, seen: torch.Tensor, ids: list[int], vocab: int) -> torch.Tensor:
+        """`seen` with one more column: each row's new token, or padding for a special one."""
+        column = [[vocab if t in self.special_ids else t] for t in ids]
+        return torch.cat([seen, torch.tensor(column, device=seen.device)], dim=1)
 
     def _retire(self, indices: list[int]) -> None:
-        """6. retire: drop these rows from the batch, then the leading columns only padding fills."""
-        if not indices:
-            return
+        """6. retire: drop these rows from the batch, then the leading columns only padding fills; then tell
+        the replies that ended."""
         gone = set(indices)
         keep = [i for i in range(len(self.rows)) if i not in gone]
-        self.rows = [self.rows[i] for i in keep]
+        if gone:
+            self.rows = [self.rows[i] for i in keep]
         if not keep:
-            self.cache = None
-            return
-        assert self.cache is not None
-        self.cache.keep(torch.tensor(keep, device=self.device))
+            self.cache, self.seen, self.last = None, None, None
+        elif gone:
+            assert self.cache is not None and self.seen is not None and self.last is not None
+            index = torch.tensor(keep, device=self.device)
+            self.cache.keep(index)
+            self.seen, self.last = self.seen.index_select(0, index), self.last.index_select(0, index)
+        self._tell_ended()
+
+    def _tell_ended(self) -> None:
+        """Each ended reply's consumer learns why only now, after its row left: when a reply's stream is over,
+        the memory its row held is free."""
+        ended, self._ended = self._ended, []
+        for request, reason in ended:
+            request.out.put(Finished(reason))
 
     def fail_all(self, error: BaseException) -> None:
         """Unload: every reply still here ends with `error` (engine thread, between steps)."""
@@ -324,22 +373,39 @@ class BatchScheduler:
             pending, self._pending = self._pending, []
         for request in [row.request for row in self.rows] + pending:
             request.out.put(Failed(error))
-        self.rows = []
-        self.cache = None
+        self.rows, self._ended = [], []
+        self.cache, self.seen, self.last = None, None, None
 
 
-def sample(scores: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> torch.Tensor:
-    """One token from `scores` [vocab] at `temperature`, among the smallest set of most likely tokens that holds
-    `top_p` of the probability (what Transformers' TopPLogitsWarper keeps), drawn with the row's own generator."""
-    probs = torch.softmax(scores / temperature, dim=-1)
-    if top_p >= 1.0:
-        return torch.multinomial(probs, 1, generator=generator)
-    top = torch.topk(probs, min(TOP_P_CANDIDATES, probs.numel()))
-    if float(top.values.sum()) < top_p:  # a flat distribution: the nucleus reaches past the candidates
-        top = torch.sort(probs, descending=True)
-    before = torch.cumsum(top.values, dim=-1) - top.values  # mass of the tokens ranked above each one
-    kept = top.values.masked_fill(before >= top_p, 0.0)  # (the first token is always kept)
-    return top.indices[torch.multinomial(kept, 1, generator=generator)]
+@dataclass
+class Joined:
+    """Rows a prefill made, with their cache, repetition-penalty marks and first tokens, ready to join."""
+
+    rows: list[Row]
+    cache: BatchCache
+    seen: torch.Tensor
+    last: torch.Tensor
+
+    def keep(self, index: torch.Tensor) -> None:
+        self.cache.keep(index)
+        self.seen, self.last = self.seen.index_select(0, index), self.last.index_select(0, index)
+
+
+def sample(scores: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor,
+           uniforms: torch.Tensor) -> torch.Tensor:
+    """One token per row of `scores` [rows, vocab] at the row's `temperature`, among the smallest set of most likely
+    tokens that holds its `top_p` of the probability (what Transformers' TopPLogitsWarper keeps; 1 keeps all),
+    picked by inverse CDF with the row's own `uniforms` draw in [0, 1) (so a seed gives the same reply in any
+    batch). All rows in a few batched ops: a per-row multinomial cost 0.7 ms a row and step."""
+    probs = torch.softmax(scores / temperature[:, None], dim=-1)
+    top_p = torch.where(top_p >= 1.0, torch.full_like(top_p, float("inf")), top_p)[:, None]
+    values, indices = torch.topk(probs, min(TOP_P_CANDIDATES, probs.shape[-1]))
+    if bool((values.sum(-1, keepdim=True) < top_p).any()):  # a flat distribution: the nucleus reaches past them
+        values, indices = torch.sort(probs, descending=True)
+    before = torch.cumsum(values, dim=-1) - values  # mass of the tokens ranked above each one
+    cdf = torch.cumsum(values.masked_fill((before >= top_p) & (before > 0), 0.0), dim=-1)  # the first always stays
+    choice = torch.searchsorted(cdf, uniforms[:, None] * cdf[:, -1:], right=True).clamp_(max=cdf.shape[-1] - 1)
+    return indices.gather(1, choice).squeeze(1)
 
 
 def kv_bytes_per_token(config: Any, dtype: torch.dtype) -> int:

@@ -89,6 +89,7 @@ class LoadFacts:
     nvcc: bool | None = None  # the CUDA toolkit's compiler is on PATH
     backend_note: str | None = None  # "marlin failed, loaded with exllama_v2"
     torch_int4_faster: bool = False  # the race at load found torch's int4 kernel faster than ours on this CPU
+    dense_prompts_from: int | None = None  # prompts of this many tokens and more unpack the int4 weights to bf16
 
 
 @dataclass
@@ -195,6 +196,8 @@ def inspect_modules(model_name: str, quant: str, modules: Iterable[Any], facts: 
     report.kernels = dict(counts.most_common())
     if head:
         report.extras.append(head)
+    if facts.dense_prompts_from:
+        report.extras.append(f"prompts of {facts.dense_prompts_from}+ tokens on bf16 matmuls")
     _rate_decode(report, facts)
     if facts.backend_note:
         report.extras.append(facts.backend_note)

@@ -304,7 +304,8 @@ class TransformersEngine(Engine):
             device=device, compiled=self.compiled, compile_error=self.compile_error,
             cpu_kernels_off=self.settings.cpu_kernels == "off", native_error=native.build_error(),
             sym=sym, nvcc=kernel_report.nvcc_on_path() if device == "cuda" else None, backend_note=note,
-            torch_int4_faster=not getattr(model, "quantbot_int4_race", {"ours_faster": True})["ours_faster"])
+            torch_int4_faster=not getattr(model, "quantbot_int4_race", {"ours_faster": True})["ours_faster"],
+            dense_prompts_from=getattr(model, "quantbot_dense_prompts", {}).get("from_rows"))
         quant = kernel_report.quant_label(self.profile.format, quant_config, model.dtype)
         label = None
         if device == "cuda":
@@ -371,8 +372,8 @@ class TransformersEngine(Engine):
 
         model = self.model
         return BatchScheduler(
-            _Forwards(self), self.thread, frozenset(self._eos_ids), self._special_ids, _logits_processors,
-            model.device, self.max_batch, kv_budget_tokens(model.config, model.dtype, model.device))
+            _Forwards(self), self.thread, frozenset(self._eos_ids), self._special_ids, model.device, self.max_batch,
+            kv_budget_tokens(model.config, model.dtype, model.device))
 
     def _compile_decode_step(self) -> Callable[..., Any]:
         """The one-token forward, compiled when TORCH_COMPILE asks (auto: on CPU, where per-token Python overhead
@@ -524,12 +525,3 @@ class _Forwards:
         return step(input_ids=tokens, position_ids=positions, attention_mask=mask, cache=cache, use_cache=True,
                     logits_to_keep=1).logits[:, -1, :]
 
-
-def _logits_processors(params: GenerationParams) -> Any:
-    """Transformers' own repetition penalty (temperature and top-p are :func:`bot.engines.batching.sample`'s)."""
-    from transformers import LogitsProcessorList, RepetitionPenaltyLogitsProcessor
-
-    processors = LogitsProcessorList()
-    if params.repetition_penalty and params.repetition_penalty != 1.0:
-        processors.append(RepetitionPenaltyLogitsProcessor(params.repetition_penalty))
-    return processors

@@ -31,6 +31,9 @@ FUSED_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 CHECK_TOLERANCE = 2e-2  # relative max error allowed against the original layer (bf16 outputs)
 NATIVE_BLOCK = 64  # inputs per packed block of our kernel (groups: 32 or multiples of 64)
 TIMING_ROUNDS, TIMING_CALLS = 3, 8  # the kernel race at load: best of 3 rounds of 8 calls per batch size
+# Prompt sizes (rows) at which unpacking a weight to bf16 for one matmul races torch's int4 kernel at load; measured
+# here the unpacking wins from 24-32 rows (245 rows: 0.9 against 5.6 ms on a 576 x 3072 layer).
+DENSE_PROBE_ROWS = (16, 32, 64, 128)
 
 
 class PackedInt4Linear(nn.Module):
@@ -44,14 +47,28 @@ class PackedInt4Linear(nn.Module):
         self.register_buffer("perm", perm, persistent=False)
         self.register_buffer("bias", bias, persistent=False)
         self.group_size, self.in_features, self.out_features = group_size, in_features, out_features
+        self.dense_from: int | None = None  # rows from which a call unpacks the weight instead (see dense_weight)
+
+    def dense_weight(self) -> torch.Tensor:
+        """The bf16 weight, [in, out]: made afresh for each long prompt (never kept, so memory stays 4-bit).
+        torch's int4 kernel unpacks the weight again for every four input rows, so for a prompt of hundreds of
+        tokens unpacking once and one bf16 matmul is several times faster (see :func:`choose_dense_rows`)."""
+        from bot.engines.cpu.native import kernels
+
+        ops = kernels()
+        assert ops is not None
+        return ops.int4pack_weight(self.qweight, self.scales_and_zeros, self.group_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape[:-1] + (self.out_features,)
         flat = x.reshape(-1, self.in_features)
         if self.perm is not None:
             flat = flat.index_select(1, self.perm)
-        out = torch.ops.aten._weight_int4pack_mm_for_cpu(flat.to(torch.bfloat16), self.qweight, self.group_size,
-                                                         self.scales_and_zeros).to(x.dtype)
+        if not torch.compiler.is_compiling() and self.dense_from is not None and flat.shape[0] >= self.dense_from:
+            out = (flat.to(torch.bfloat16) @ self.dense_weight()).to(x.dtype)  # a prompt: one bf16 matmul
+        else:
+            out = torch.ops.aten._weight_int4pack_mm_for_cpu(flat.to(torch.bfloat16), self.qweight, self.group_size,
+                                                             self.scales_and_zeros).to(x.dtype)
         if self.bias is not None:
             out = out + self.bias
         return out.reshape(shape)
@@ -287,6 +304,45 @@ def streamline(model: nn.Module, native: bool = True, rows: tuple[int, ...] | No
             setattr(parent, name, lean)
             swapped += 1
     return swapped
+
+
+def choose_dense_rows(model: nn.Module, dtype: torch.dtype) -> int | None:
+    """From how many input rows (prompt tokens x prompts) the model's torch-kernel int4 layers unpack their weight to
+    bf16 for one matmul: the fewest of :data:`DENSE_PROBE_ROWS` at which that beats torch's int4 kernel on the
+    model's widest layer, timed here at load; every layer then follows it. None: never, or our kernels did not build,
+    or the unpacked weight disagrees with torch's kernel. Prompts only: a compiled decode step never takes it.
+    Kept in ``model.quantbot_dense_prompts``."""
+    from bot.engines.cpu.native import kernels
+
+    layers = [m for m in model.modules() if isinstance(m, PackedInt4Linear)]
+    if not layers or kernels() is None:
+        return None
+    widest = max(layers, key=lambda m: m.in_features * m.out_features)
+    x = torch.randn(DENSE_PROBE_ROWS[0], widest.in_features, dtype=dtype)
+    try:
+        with torch.inference_mode():
+            agree = outputs_agree((x.to(torch.bfloat16) @ widest.dense_weight()).to(dtype), widest(x))
+    except Exception as exc:  # noqa: BLE001 - a layout our unpacking does not know: prompts stay on int4
+        log.debug("not unpacking int4 weights for prompts: %s", exc)
+        return None
+    if not agree:
+        log.warning("unpacked int4 weights disagree with torch's kernel; prompts stay on the int4 kernel")
+        return None
+    seconds: dict[str, dict[int, float]] = {"int4": {}, "dense": {}}
+    chosen = None
+    for rows in DENSE_PROBE_ROWS:
+        seconds["int4"][rows] = call_seconds(widest, rows, dtype)
+        widest.dense_from = rows
+        seconds["dense"][rows] = call_seconds(widest, rows, dtype)
+        widest.dense_from = None
+        if seconds["dense"][rows] < seconds["int4"][rows]:
+            chosen = rows
+            break
+    for layer in layers:
+        layer.dense_from = chosen
+    model.quantbot_dense_prompts = {"from_rows": chosen, "seconds": seconds}  # type: ignore[assignment]
+    log.debug("int4 prompts unpacked from %s rows: %s", chosen, seconds)
+    return chosen
 
 
 def outputs_agree(got: torch.Tensor, want: torch.Tensor) -> bool:

@@ -1,4 +1,5 @@
-"""Our own CPU kernels (``torch.ops.quantbot``: ``int4_linear``, ``int8_linear``; see lowbit_linear.cpp),
+"""Our own CPU kernels (``torch.ops.quantbot``: ``int4_linear``, ``int8_linear``, and ``int4pack_weight`` for long
+prompts of layers on torch's int4 kernel; see lowbit_linear.cpp),
 compiled on first use with torch's C++ extension builder and cached by torch (``$TORCH_EXTENSIONS_DIR``,
 default ``~/.cache/torch_extensions``).
 

@@ -212,14 +212,60 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& qweight, const at:
   return y.view(sizes).to(x.scalar_type());
 }
 
+// quantbot::int4pack_weight: the bf16 weight, transposed to [K, N], of a layer packed for torch's
+// _weight_int4pack_mm_for_cpu (qweight uint8 [N, K / 2], scales_and_zeros bf16 [K / group, N, 2]). A long prompt
+// runs faster as this plus one bf16 matmul than through torch's int4 kernel, which unpacks the weight again for
+// every four rows (measured 5.7 against 0.9 ms for 245 rows of a 576 x 3072 layer). torch packs 64 outputs a
+// block: byte k * 32 + i of block b holds output 64b + i of input k (low nibble) and output 64b + 32 + i (high);
+// W = (code - 8) * scale + zero. The caller checks this layout against torch's kernel (cpu/int4.py).
+at::Tensor int4pack_weight(const at::Tensor& qweight, const at::Tensor& scales_and_zeros, int64_t group_size) {
+  TORCH_CHECK(qweight.device().is_cpu() && qweight.scalar_type() == at::kByte && qweight.dim() == 2 &&
+              qweight.is_contiguous(), "qweight must be contiguous uint8 [N, K / 2] on the CPU");
+  const int64_t N = qweight.size(0), K = qweight.size(1) * 2;
+  TORCH_CHECK(N % 64 == 0 && group_size > 0 && K % group_size == 0, "N must be a multiple of 64, K of the group");
+  TORCH_CHECK(scales_and_zeros.scalar_type() == at::kBFloat16 && scales_and_zeros.is_contiguous() &&
+              scales_and_zeros.sizes() == at::IntArrayRef({K / group_size, N, 2}),
+              "scales_and_zeros must be contiguous bfloat16 [K / group_size, N, 2]");
+  at::Tensor w = at::empty({K, N}, qweight.options().dtype(at::kBFloat16));
+  const uint8_t* q = qweight.data_ptr<uint8_t>();
+  const at::BFloat16* sz = scales_and_zeros.data_ptr<at::BFloat16>();
+  at::BFloat16* out = w.data_ptr<at::BFloat16>();
+  at::parallel_for(0, K, 16, [&](int64_t k0, int64_t k1) {
+    std::vector<float> scale(N), offset(N);
+    int64_t group = -1;
+    for (int64_t k = k0; k < k1; ++k) {
+      if (k / group_size != group) {
+        group = k / group_size;
+        for (int64_t n = 0; n < N; ++n) {
+          scale[n] = static_cast<float>(sz[(group * N + n) * 2]);
+          offset[n] = static_cast<float>(sz[(group * N + n) * 2 + 1]) - 8.f * scale[n];
+        }
+      }
+      at::BFloat16* row = out + k * N;
+      for (int64_t b = 0; b < N / 64; ++b) {
+        const uint8_t* src = q + b * 32 * K + k * 32;
+        const float *s = scale.data() + b * 64, *o = offset.data() + b * 64;
+        at::BFloat16* dst = row + b * 64;
+        for (int i = 0; i < 32; ++i) {
+          dst[i] = static_cast<at::BFloat16>(static_cast<float>(src[i] & 15) * s[i] + o[i]);
+          dst[i + 32] = static_cast<at::BFloat16>(static_cast<float>(src[i] >> 4) * s[i + 32] + o[i + 32]);
+        }
+      }
+    }
+  });
+  return w;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(quantbot, m) {
   m.def("int4_linear(Tensor x, Tensor qweight, Tensor scales, Tensor offsets, int group_size) -> Tensor");
   m.def("int8_linear(Tensor x, Tensor qweight, Tensor scales) -> Tensor");
+  m.def("int4pack_weight(Tensor qweight, Tensor scales_and_zeros, int group_size) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(quantbot, CPU, m) {
   m.impl("int4_linear", &int4_linear);
   m.impl("int8_linear", &int8_linear);
+  m.impl("int4pack_weight", &int4pack_weight);
 }
