@@ -34,6 +34,7 @@ TIMING_ROUNDS, TIMING_CALLS = 3, 8  # the kernel race at load: best of 3 rounds 
 # Prompt sizes (rows) at which unpacking a weight to bf16 for one matmul races torch's int4 kernel at load; measured
 # here the unpacking wins from 24-32 rows (245 rows: 0.9 against 5.6 ms on a 576 x 3072 layer).
 DENSE_PROBE_ROWS = (16, 32, 64, 128)
+DENSE_MARGIN = 0.85  # ... where it is clearly faster: near the crossover a 35-token prompt measured 10% slower
 
 
 class PackedInt4Linear(nn.Module):
@@ -308,8 +309,8 @@ def streamline(model: nn.Module, native: bool = True, rows: tuple[int, ...] | No
 
 def choose_dense_rows(model: nn.Module, dtype: torch.dtype) -> int | None:
     """From how many input rows (prompt tokens x prompts) the model's torch-kernel int4 layers unpack their weight to
-    bf16 for one matmul: the fewest of :data:`DENSE_PROBE_ROWS` at which that beats torch's int4 kernel on the
-    model's widest layer, timed here at load; every layer then follows it. None: never, or our kernels did not build,
+    bf16 for one matmul: the fewest of :data:`DENSE_PROBE_ROWS` at which that clearly beats torch's int4 kernel on
+    the model's widest layer, timed here at load; every layer then follows it. None: never, or our kernels did not build,
     or the unpacked weight disagrees with torch's kernel. Prompts only: a compiled decode step never takes it.
     Kept in ``model.quantbot_dense_prompts``."""
     from bot.engines.cpu.native import kernels
@@ -335,7 +336,7 @@ def choose_dense_rows(model: nn.Module, dtype: torch.dtype) -> int | None:
         widest.dense_from = rows
         seconds["dense"][rows] = call_seconds(widest, rows, dtype)
         widest.dense_from = None
-        if seconds["dense"][rows] < seconds["int4"][rows]:
+        if seconds["dense"][rows] < DENSE_MARGIN * seconds["int4"][rows]:
             chosen = rows
             break
     for layer in layers:
