@@ -2,7 +2,8 @@
 
 Decoding is memory-bound: reading the weights once for eight rows costs little more than for one. A reply that
 arrives while others decode is prefilled (with whoever arrived with it) and joins at the next step; a reply that
-ends leaves at once and its slot is reused. The loop runs on the engine thread (:mod:`bot.engines.engine_thread`) as numbered steps:
+ends leaves at once and its slot is reused. The loop runs on the engine thread (:mod:`bot.engines.engine_thread`)
+as numbered steps:
 
 1. admit   - pending replies join while the batch has a free row and the KV cache budget allows
 2. prefill - the joiners' prompts in one left-padded forward, their first tokens out at once; their cache joins
@@ -90,8 +91,8 @@ class Request:
 
 @dataclass(eq=False)
 class Row:
-    """A request's decoding state on the engine thread (its tokens so far and next input live in the batch's
-    tensors, :attr:`BatchScheduler.seen` and :attr:`BatchScheduler.last`, in the order of the rows)."""
+    """A request's decoding state on the engine thread (its tokens so far and next input are its row of the
+    :class:`Batch` tensors)."""
 
     request: Request
     generator: torch.Generator | None
@@ -113,12 +114,7 @@ class BatchScheduler:
         self.device = device
         self.max_batch = max(1, max_batch)
         self.kv_budget_tokens = kv_budget_tokens  # rows x padded length the cache may hold; None: unbounded
-        self.rows: list[Row] = []
-        self.cache: BatchCache | None = None
-        # [rows, n] the tokens each row's repetition penalty covers; the vocabulary size stands for none (padding)
-        self.seen: torch.Tensor | None = None
-        self.vocab = 0  # the model's, known from its first logits
-        self.last: torch.Tensor | None = None  # [rows] each row's newest token, the next step's input
+        self.batch: Batch | None = None  # the rows decoding; None when none is
         self._ended: list[tuple[Request, str]] = []  # replies that ended this step, told once their rows left
         self._pending: list[Request] = []
         self._lock = threading.Lock()
@@ -142,6 +138,14 @@ class BatchScheduler:
             self._pending.extend(requests)
             self._looping = True
         self._loop()
+
+    @property
+    def rows(self) -> list[Row]:
+        return self.batch.rows if self.batch is not None else []
+
+    @property
+    def cache(self) -> BatchCache | None:
+        return self.batch.cache if self.batch is not None else None
 
     @property
     def active(self) -> int:
@@ -183,7 +187,7 @@ class BatchScheduler:
             for request in joiners:
                 request.out.put(Failed(exc))
             return
-        if not joined.rows:
+        if joined is None:
             return
         try:
             self._join(joined)
@@ -191,7 +195,7 @@ class BatchScheduler:
             log.warning("joining the batch failed: %r", exc)
             for row in joined.rows + self.rows:
                 row.request.out.put(Failed(exc))
-            self.rows, self.cache, self.seen, self.last = [], None, None, None
+            self.batch = None
 
     def _admit(self) -> list[Request]:
         """1. admit: the oldest pending requests while they fit, first come first served (no one jumps a reply
@@ -220,23 +224,26 @@ class BatchScheduler:
         return self.kv_budget_tokens is None or len(lengths) == 1 or \
             len(lengths) * max(lengths) <= self.kv_budget_tokens
 
-    def _prefill(self, requests: list[Request]) -> Joined:
+    def _prefill(self, requests: list[Request]) -> Batch | None:
         """2. prefill: the prompts in one forward (left-padded), each first token sampled and emitted; the rows
-        still going, with their prompts' cache (without the rows that ended at their first token)."""
+        still going, as a batch to join (None when every one ended at its first token)."""
         rows = [self._new_row(request) for request in requests]
         logits, cache = self.model.prefill([request.ids for request in requests])
         # The repetition penalty looks at the text so far without the chat template's special tokens, which every
         # prompt repeats; penalizing <|im_end|> would keep the model from ending its turn.
-        vocab = self.vocab = logits.shape[-1]
+        vocab = logits.shape[-1]
         own = [[t for t in request.ids if t not in self.special_ids] for request in requests]
         width = max(1, *(len(ids) for ids in own))
         seen = torch.tensor([ids + [vocab] * (width - len(ids)) for ids in own], device=self.device)
         picked = self._pick(rows, self._scores(rows, logits, seen))
         going, ids = self._emit(rows, picked)
-        joined = Joined([rows[i] for i in going], cache, self._seen_with(seen, ids, vocab), picked)
-        if going and len(going) < len(rows):
-            joined.keep(torch.tensor(going, device=self.device))
+        joined = Batch(rows, cache, seen, picked, vocab)
+        joined.add_seen(ids, self.special_ids)
         self._tell_ended()
+        if not going:
+            return None
+        if len(going) < len(rows):
+            joined.keep(going)
         return joined
 
     def _new_row(self, request: Request) -> Row:
@@ -246,37 +253,30 @@ class BatchScheduler:
             generator = torch.Generator(device=self.device).manual_seed(params.seed)
         return Row(request, generator)
 
-    def _join(self, joined: Joined) -> None:
-        if self.cache is None or self.seen is None or self.last is None:
-            self.cache, self.seen, self.last = joined.cache, joined.seen, joined.last
+    def _join(self, joined: Batch) -> None:
+        if self.batch is None:
+            self.batch = joined
         else:
-            self.cache.join(joined.cache)
-            width = max(self.seen.shape[1], joined.seen.shape[1])
-            self.seen = torch.cat([functional.pad(t, (0, width - t.shape[1]), value=self.vocab)
-                                   for t in (self.seen, joined.seen)])
-            self.last = torch.cat([self.last, joined.last])
-        self.rows.extend(joined.rows)
+            self.batch.join(joined)
         self.peak_rows = max(self.peak_rows, len(self.rows))
 
     def _step(self) -> None:
         """Steps 3-6 for every row."""
-        rows = self.rows
-        leaving = [i for i, row in enumerate(rows) if row.request.cancel.cancelled]
-        self._ended.extend((rows[i].request, "cancelled") for i in leaving)
+        leaving = [i for i, row in enumerate(self.rows) if row.request.cancel.cancelled]
+        self._ended.extend((self.rows[i].request, "cancelled") for i in leaving)
         self._retire(leaving)
-        if not self.rows:
+        batch = self.batch
+        if batch is None:
             return
-        rows = self.rows
-        assert self.cache is not None and self.seen is not None and self.last is not None
+        rows, cache = batch.rows, batch.cache
         try:
             # 3. decode
-            logits = self.model.decode(self.last[:, None], self.cache.positions[:, None], self.cache.step_mask(),
-                                       self.cache)
+            logits = self.model.decode(batch.last[:, None], cache.positions[:, None], cache.step_mask(), cache)
             # 4. sample
-            picked = self._pick(rows, self._scores(rows, logits, self.seen))
+            picked = self._pick(rows, self._scores(rows, logits, batch.seen))
             # 5. emit (its .tolist() is the one host sync of the step)
             going, ids = self._emit(rows, picked)
-            self.seen = self._seen_with(self.seen, ids, logits.shape[-1])
+            batch.add_seen(ids, self.special_ids)
         except Exception as exc:  # noqa: BLE001 - out of memory, a kernel error: these rows fail, the loop goes on
             log.warning("a batched decode step of %d rows failed: %r", len(rows), exc)
             self._ended = []
@@ -284,8 +284,8 @@ class BatchScheduler:
                 row.request.out.put(Failed(exc))
             self._retire(list(range(len(rows))))
             return
-        self.cache.advance()
-        self.last = picked
+        cache.advance()
+        batch.last = picked
         # 6. retire
         self._retire(sorted(set(range(len(rows))) - set(going)))
 
@@ -339,25 +339,16 @@ class BatchScheduler:
                 going.append(i)
         return going, ids
 
-    def _seen_with(self, seen: torch.Tensor, ids: list[int], vocab: int) -> torch.Tensor:
-        """`seen` with one more column: each row's new token, or padding for a special one."""
-        column = [[vocab if t in self.special_ids else t] for t in ids]
-        return torch.cat([seen, torch.tensor(column, device=seen.device)], dim=1)
-
     def _retire(self, indices: list[int]) -> None:
         """6. retire: drop these rows from the batch, then the leading columns only padding fills; then tell
         the replies that ended."""
         gone = set(indices)
-        keep = [i for i in range(len(self.rows)) if i not in gone]
-        if gone:
-            self.rows = [self.rows[i] for i in keep]
-        if not keep:
-            self.cache, self.seen, self.last = None, None, None
-        elif gone:
-            assert self.cache is not None and self.seen is not None and self.last is not None
-            index = torch.tensor(keep, device=self.device)
-            self.cache.keep(index)
-            self.seen, self.last = self.seen.index_select(0, index), self.last.index_select(0, index)
+        if self.batch is not None and gone:
+            keep = [i for i in range(len(self.batch.rows)) if i not in gone]
+            if keep:
+                self.batch.keep(keep)
+            else:
+                self.batch = None
         self._tell_ended()
 
     def _tell_ended(self) -> None:
@@ -373,22 +364,40 @@ class BatchScheduler:
             pending, self._pending = self._pending, []
         for request in [row.request for row in self.rows] + pending:
             request.out.put(Failed(error))
-        self.rows, self._ended = [], []
-        self.cache, self.seen, self.last = None, None, None
+        self.batch, self._ended = None, []
 
 
-@dataclass
-class Joined:
-    """Rows a prefill made, with their cache, repetition-penalty marks and first tokens, ready to join."""
+@dataclass(eq=False)
+class Batch:
+    """Rows decoding together, with what the next step needs of them (row i of each tensor is `rows[i]`'s). A
+    prefill makes one of its joiners; the scheduler's grows by :meth:`join` and shrinks by :meth:`keep`."""
 
     rows: list[Row]
     cache: BatchCache
-    seen: torch.Tensor
-    last: torch.Tensor
+    seen: torch.Tensor  # [rows, n] the tokens each row's repetition penalty covers; `vocab` is padding (none)
+    last: torch.Tensor  # [rows] each row's newest token, the next step's input
+    vocab: int
 
-    def keep(self, index: torch.Tensor) -> None:
+    def keep(self, indices: list[int]) -> None:
+        """Only these rows stay, in this order."""
+        index = torch.tensor(indices, device=self.last.device)
+        self.rows = [self.rows[i] for i in indices]
         self.cache.keep(index)
         self.seen, self.last = self.seen.index_select(0, index), self.last.index_select(0, index)
+
+    def join(self, other: Batch) -> None:
+        """Add the rows of another batch (a prefill's) below these."""
+        self.cache.join(other.cache)
+        width = max(self.seen.shape[1], other.seen.shape[1])
+        self.seen = torch.cat([functional.pad(t, (0, width - t.shape[1]), value=self.vocab)
+                               for t in (self.seen, other.seen)])
+        self.last = torch.cat([self.last, other.last])
+        self.rows = self.rows + other.rows
+
+    def add_seen(self, ids: list[int], special_ids: frozenset[int]) -> None:
+        """One more column of `seen`: each row's new token, or padding for a special one."""
+        column = [[self.vocab if t in special_ids else t] for t in ids]
+        self.seen = torch.cat([self.seen, torch.tensor(column, device=self.seen.device)], dim=1)
 
 
 def sample(scores: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor,

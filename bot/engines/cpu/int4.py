@@ -310,8 +310,8 @@ def streamline(model: nn.Module, native: bool = True, rows: tuple[int, ...] | No
 def choose_dense_rows(model: nn.Module, dtype: torch.dtype) -> int | None:
     """From how many input rows (prompt tokens x prompts) the model's torch-kernel int4 layers unpack their weight to
     bf16 for one matmul: the fewest of :data:`DENSE_PROBE_ROWS` at which that clearly beats torch's int4 kernel on
-    the model's widest layer, timed here at load; every layer then follows it. None: never, or our kernels did not build,
-    or the unpacked weight disagrees with torch's kernel. Prompts only: a compiled decode step never takes it.
+    the model's widest layer, timed here at load; every layer then follows it. None: never, or our kernels did not
+    build, or the unpacked weight disagrees with torch's kernel. Prompts only: a compiled decode step never takes it.
     Kept in ``model.quantbot_dense_prompts``."""
     from bot.engines.cpu.native import kernels
 
