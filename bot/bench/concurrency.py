@@ -2,8 +2,11 @@
 
 For 1, 2, 4 and 8 chats asking at the same moment (the same question and different ones; greedy and sampled;
 a fixed token budget) it reports aggregate and per-chat tokens/s, time to first text p50/p95 and peak memory,
-with each figure's ratio to one chat measured in the same run (the median of 3 tries). The engine batches them
-(MAX_BATCH). Then a chat asks while 7 others decode ("joiner"), several times: how soon its first text comes.
+with ratios to one chat in the same run. The aggregate's ratio is paired: every try of several chats is bracketed by
+a one-chat try just before and after and divides by their mean, so the host's drift over minutes (one chat ran 46 to
+67 tok/s in two runs of session 9) moves both sides alike; the other ratios divide by the one-chat row (median of 3).
+The engine batches them (MAX_BATCH). Then a chat asks while 7 others decode ("joiner"), several times: how soon its
+first text comes.
 """
 
 from __future__ import annotations
@@ -46,7 +49,7 @@ QUESTIONS = (
 )
 SAME_QUESTION = QUESTIONS[0]
 MODES = {"greedy": {"temperature": 0.0}, "sampled": {"temperature": 0.7, "top_p": 0.9}}
-ONE_CHAT_REPEATS = 3  # the baseline every ratio divides by: the median of 3 (one 2-second reply drifts with the host)
+ONE_CHAT_REPEATS = 3  # the one-chat row: the median of 3 (one 2-second reply drifts with the host)
 JOINER_REPEATS = 5  # a chat asking while the others decode, this many times (fresh runners each time): its p95
 MEMORY_SAMPLE_S = 0.05
 DEFAULT_OUT = "bench/concurrency.json"
@@ -95,6 +98,7 @@ class Scenario:
     peak_batch: int = 0
     failed: int = 0
     others_decoding: float = 0.0  # joiner: how many replies were decoding, on average, when it asked
+    baseline_tokens_per_s: float = 0.0  # one chat, the mean of the tries just before and after this one (0: none)
     ratios: dict[str, float] = field(default_factory=dict)
 
 
@@ -166,6 +170,17 @@ async def ask_at_once(service: object, engine: RecordingEngine, questions: list[
     return scenario
 
 
+async def bracketed(service: object, engine: RecordingEngine, questions: list[str], alone: list[str],
+                    run: int) -> Scenario:
+    """The chats asking at once, with one chat asking `alone` just before and just after: the scenario, its
+    baseline the mean of those two."""
+    before = await ask_at_once(service, engine, alone, run=run + 1)
+    scenario = await ask_at_once(service, engine, questions, run=run + 2)
+    after = await ask_at_once(service, engine, alone, run=run + 3)
+    scenario.baseline_tokens_per_s = (before.aggregate_tokens_per_s + after.aggregate_tokens_per_s) / 2
+    return scenario
+
+
 async def join_while_decoding(service: object, engine: RecordingEngine, running: int, run: int) -> Scenario:
     """`running` chats ask at once; once each has its first text, one more chat asks: its time to first text,
     :data:`JOINER_REPEATS` times."""
@@ -227,9 +242,13 @@ async def bench_model(settings: Settings, name: str, chats: tuple[int, ...], max
                         scheduler = getattr(engine.inner, "scheduler", None)
                         if scheduler is not None:
                             scheduler.peak_rows = 0
-                        tries = [await ask_at_once(service, engine, questions, run=(len(results) * 10 + i) * 10 + k)
-                                 for k in range(ONE_CHAT_REPEATS if n == 1 else 1)]
-                        scenario = sorted(tries, key=lambda t: t.aggregate_tokens_per_s)[len(tries) // 2]
+                        run = (len(results) * 10 + i) * 10
+                        if n == 1:
+                            tries = [await ask_at_once(service, engine, questions, run=run + k)
+                                     for k in range(ONE_CHAT_REPEATS)]
+                            scenario = sorted(tries, key=lambda t: t.aggregate_tokens_per_s)[len(tries) // 2]
+                        else:
+                            scenario = await bracketed(service, engine, questions, questions[:1], run)
                         scenario.model, scenario.mode, scenario.prompts = name, mode, prompts
                         scenario.max_batch = getattr(engine.inner, "max_batch", 1)
                         scenario.peak_batch = scheduler.peak_rows if scheduler is not None else 1
@@ -249,14 +268,25 @@ async def bench_model(settings: Settings, name: str, chats: tuple[int, ...], max
     return results
 
 
+def one_chat(s: Scenario, results: list[Scenario]) -> Scenario | None:
+    """The one-chat row of the same model, mode and prompts in this run."""
+    return next((r for r in results if (r.model, r.mode, r.prompts, r.chats) == (s.model, s.mode, s.prompts, 1)),
+                None)
+
+
+def aggregate_ratio(s: Scenario, one: Scenario | None) -> float:
+    """Aggregate tokens/s against one chat: the tries bracketing this one where it has them, else the one-chat row."""
+    base = s.baseline_tokens_per_s or (one.aggregate_tokens_per_s if one else 0.0)
+    return s.aggregate_tokens_per_s / base if base else 0.0
+
+
 def add_ratios(results: list[Scenario]) -> None:
     """Each scenario against one chat of the same model, mode and prompts, measured in the same run."""
     for s in results:
-        one = next((r for r in results if (r.model, r.mode, r.prompts, r.chats) == (s.model, s.mode, s.prompts, 1)),
-                   None)
+        one = one_chat(s, results)
         if one is None or not one.aggregate_tokens_per_s:
             continue
-        s.ratios = {"aggregate_tokens_per_s": s.aggregate_tokens_per_s / one.aggregate_tokens_per_s,
+        s.ratios = {"aggregate_tokens_per_s": aggregate_ratio(s, one),
                     "per_chat_tokens_per_s": s.per_chat_tokens_per_s / one.per_chat_tokens_per_s
                     if one.per_chat_tokens_per_s else 0.0,
                     "first_text_p95_s": s.first_text_p95_s / one.first_text_p95_s if one.first_text_p95_s else 0.0}
@@ -269,9 +299,7 @@ HEADER = (f"{'model':<14} {'mode':<8} {'prompts':<9} {'chats':>5} {'batch':>5} {
 def print_row(s: Scenario, results: list[Scenario], flush: bool = False) -> None:
     if len(results) == 1:
         print(HEADER)
-    one = next((r for r in results if (r.model, r.mode, r.prompts, r.chats) == (s.model, s.mode, s.prompts, 1)),
-               None)
-    x1 = s.aggregate_tokens_per_s / one.aggregate_tokens_per_s if one and one.aggregate_tokens_per_s else 0.0
+    x1 = aggregate_ratio(s, one_chat(s, results))
     print(f"{s.model:<14} {s.mode:<8} {s.prompts:<9} {s.chats:>5} {s.peak_batch:>5} {s.aggregate_tokens_per_s:>9.1f} "
           f"{x1:>5.2f} {s.per_chat_tokens_per_s:>10.1f} {s.first_text_p50_s:>8.2f} {s.first_text_p95_s:>8.2f} "
           f"{s.peak_rss_delta_mb:>7.0f} {s.failed:>6}", flush=flush)
