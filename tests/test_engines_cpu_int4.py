@@ -189,20 +189,27 @@ def test_an_unpacking_that_disagrees_with_torchs_kernel_is_not_used(monkeypatch:
     assert any("disagree" in r.getMessage() for r in caplog.records)
 
 
-def test_one_query_attention_matches_sdpa() -> None:
+@pytest.mark.parametrize("rows", [1, 3])  # one chat (multiply-and-sum loops) and a batch (matmuls)
+def test_one_query_attention_matches_sdpa(rows: int) -> None:
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     module = nn.Module()
     module.num_key_value_groups, module.is_causal = 3, True
-    query = torch.randn(1, 9, 1, 64)
-    key, value = torch.randn(1, 3, 40, 64), torch.randn(1, 3, 40, 64)
-    mask = torch.ones(1, 1, 1, 40, dtype=torch.bool)
-    mask[..., :7] = False  # e.g. left padding
+    query = torch.randn(rows, 9, 1, 64)
+    key, value = torch.randn(rows, 3, 40, 64), torch.randn(rows, 3, 40, 64)
+    mask = torch.ones(rows, 1, 1, 40, dtype=torch.bool)
+    mask[0, ..., :7] = False  # e.g. left padding
     for m in (None, mask):
         want, _ = sdpa_attention_forward(module, query, key, value, m, scaling=0.125)
         got, _ = decode_attention(module, query, key, value, m, scaling=0.125)
-        assert got.shape == want.shape == (1, 1, 9, 64)
+        assert got.shape == want.shape == (rows, 1, 9, 64)
         assert torch.allclose(got, want, atol=1e-5)
+    # in bf16, as the model runs it: within bf16's rounding of SDPA's answer
+    half = [t.bfloat16() for t in (query, key, value)]
+    want, _ = sdpa_attention_forward(module, *half, mask, scaling=0.125)
+    got, _ = decode_attention(module, *half, mask, scaling=0.125)
+    assert got.dtype == torch.bfloat16
+    assert torch.allclose(got.float(), want.float(), atol=2e-2)
     # a prompt (many queries) goes to SDPA itself, causal mask and all
     prompt = torch.randn(1, 9, 40, 64)
     want, _ = sdpa_attention_forward(module, prompt, key, value, None, scaling=0.125)
