@@ -42,7 +42,6 @@ def test_a_burst_is_paired_with_one_chat_asked_just_before_and_after(tmp_path: P
     first, alone = asyncio.run(run())
     for s in (first, alone):
         s.model, s.mode, s.prompts = "toy", "greedy", "same"
-    alone.chats = 2  # (as a burst row; add_ratios pairs rows of 2+ chats with their bracket)
     add_ratios([first, alone])
     assert alone.tokens == 10 and alone.baseline_tokens_per_s > 0
     assert 0.8 < alone.ratios["aggregate_tokens_per_s"] < 1.25
