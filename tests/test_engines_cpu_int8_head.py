@@ -7,7 +7,9 @@ import torch
 from torch import nn
 
 from bot.engines.cpu import native
-from bot.engines.cpu.int8_head import Int8Linear, quantize_output_head, quantize_rows
+from bot.engines.cpu.int4 import q8_runs_here
+from bot.engines.cpu.int8_head import Int8Linear, Q8Int8Linear, quantize_output_head, quantize_rows, quantize_tiles
+from tests.test_engines_cpu_int4 import q8_activations
 
 
 def q8_0_weight(rows: int, cols: int) -> torch.Tensor:
@@ -27,6 +29,23 @@ def test_a_q8_0_head_is_reproduced_exactly(rows: int) -> None:
     got = head(x)
     assert got.shape == (2, rows, 300) and got.dtype == torch.float32
     assert torch.allclose(got, x @ weight.t(), rtol=1e-4, atol=1e-4)
+    assert head(x.bfloat16()).dtype == torch.bfloat16
+
+
+@pytest.mark.skipif(not q8_runs_here(), reason="the 8-bit-activation kernel needs AVX512-VNNI")
+@pytest.mark.parametrize("rows", [1, 8, 11])
+def test_the_vnni_head_computes_the_q8_0_head_on_8_bit_activations(rows: int) -> None:
+    """quantbot::int8_linear_q8 equals the Q8_0 weight times each row rounded to int8 per 32 inputs (as llama.cpp
+    multiplies), and a row's logits do not depend on the other rows of the batch."""
+    assert native.kernels() is not None
+    weight = q8_0_weight(320, 128)
+    head = Q8Int8Linear(*quantize_tiles(weight))
+    assert (head.out_features, head.in_features) == (320, 128)
+    x = torch.randn(rows, 128)
+    got = head(x)
+    want = q8_activations(x) @ weight.t()
+    assert got.shape == (rows, 320) and torch.allclose(got, want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))
+    assert torch.equal(got[-1:], head(x[-1:]))
     assert head(x.bfloat16()).dtype == torch.bfloat16
 
 
@@ -108,7 +127,8 @@ def test_a_tied_head_runs_each_width_on_the_kernel_that_won_it(monkeypatch: pyte
         assert quantize_output_head(model, rows=(1, 8))
         head = model.lm_head
         assert isinstance(head, HeadByWidth)
-        eight_bit, sixteen_bit = Int8Linear(*quantize_rows(weight)), nn.functional.linear
+        eight_bit, sixteen_bit = head.one if one_row else head.many, nn.functional.linear
+        assert isinstance(eight_bit, Int8Linear)  # (or its VNNI kind)
         one, batch = torch.randn(1, 1, 128).bfloat16(), torch.randn(4, 1, 128).bfloat16()
         if one_row:
             assert torch.equal(head(one), eight_bit(one)) and torch.equal(head(batch), sixteen_bit(batch, weight))

@@ -52,9 +52,10 @@ class Kernel:
 # Our own layers (bot/engines/cpu/int4.py, int8_head.py), by exact class name.
 OUR_CPU_LAYERS: dict[str, Kernel] = {
     "NativeInt4Linear": Kernel("our int4 kernel", "fast"),
+    "Q8Int4Linear": Kernel("our int4 kernel with 8-bit activations (VNNI)", "fast"),
     "PackedInt4Linear": Kernel("torch's int4 kernel", "acceptable", TORCH_INT4_COST),
 }
-HEAD_CLASS = "Int8Linear"
+HEAD_CLASSES = ("Int8Linear", "Q8Int8Linear")  # our 8-bit output head, fp32 or 8-bit activations
 HEAD_BY_WIDTH_CLASS = "HeadByWidth"  # the 8-bit head for one row or for batches, the 16-bit one for the other
 # GPTQModel's layer classes, matched in order by a pattern on the class name (they are many and versioned).
 GPU_PATTERNS: tuple[tuple[str, Kernel], ...] = (
@@ -139,7 +140,7 @@ def classify_layer(class_name: str, device: str) -> Kernel | None:
     if class_name in OUR_CPU_LAYERS:
         return OUR_CPU_LAYERS[class_name]
     key = re.sub(r"[^a-z0-9]", "", class_name.lower())
-    if not key.endswith(("linear", "kernel")) or class_name == HEAD_CLASS:
+    if not key.endswith(("linear", "kernel")) or class_name in HEAD_CLASSES:
         return None
     for pattern, kernel in GPU_PATTERNS if device == "cuda" else CPU_PATTERNS:
         if pattern in key:
@@ -149,7 +150,7 @@ def classify_layer(class_name: str, device: str) -> Kernel | None:
 
 def is_quantized_layer(module: Any) -> bool:
     """GPTQModel's layers carry packed weights in ``qweight``; plain nn.Linear does not."""
-    return hasattr(module, "qweight") and type(module).__name__ != HEAD_CLASS
+    return hasattr(module, "qweight") and type(module).__name__ not in HEAD_CLASSES
 
 
 def quant_label(fmt: str, quantization_config: Any, dtype: Any) -> str:
@@ -176,9 +177,9 @@ def inspect_modules(model_name: str, quant: str, modules: Iterable[Any], facts: 
     for module in modules:
         name = type(module).__name__
         if name == HEAD_BY_WIDTH_CLASS:
-            head = "8-bit head for one chat" if type(module.one).__name__ == HEAD_CLASS else "8-bit head for batches"
+            head = "8-bit head for one chat" if type(module.one).__name__ in HEAD_CLASSES else "8-bit head for batches"
             continue
-        if name == HEAD_CLASS:
+        if name in HEAD_CLASSES:
             head = head or "8-bit head"
             continue
         kernel = classify_layer(name, facts.device)

@@ -14,6 +14,7 @@ import torch
 
 NAME = "quantbot_decode"  # the name registered with Transformers' attention and mask interfaces
 UNSUPPORTED = ("softcap", "s_aux", "position_bias")  # variants the plain math does not cover: left to SDPA
+_native: list[bool] = []  # [our decode_attention op runs here], decided once at register()
 
 
 def decode_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -33,6 +34,11 @@ def decode_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
     groups = heads // kv_heads
     scale = scaling if scaling is not None else dim ** -0.5
     mask = None if attention_mask is None else attention_mask[..., : key.shape[-2]]  # [batch, 1, 1, length]
+    if _native and _native[0] and _fits_native(query, key, value, mask):
+        # Our op (native/decode_attention.cpp): one call a layer, each cached key and value read once for the
+        # query heads that share it; two bf16 matmuls of a few rows cost ~75 us each in set-up alone.
+        out = torch.ops.quantbot.decode_attention(query, key, value, mask, scale)
+        return out, None
     if batch == 1:
         # One chat: both products as broadcast multiply-and-sum in fp32, which inductor turns into one loop over
         # the cache each: a one-row step took 12-14 ms instead of 16-18 with two bf16 matmuls of 3 rows. At 8 rows
@@ -49,6 +55,24 @@ def decode_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
     return out.view(batch, heads, 1, dim).transpose(1, 2).contiguous(), None
 
 
+def _fits_native(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None) -> bool:
+    """What our op takes: one dtype (bf16 or fp32), a contiguous cache, no mask or a bool one, heads of 16k."""
+    return (query.dtype == key.dtype == value.dtype and key.dtype in (torch.bfloat16, torch.float32)
+            and key.is_contiguous() and value.is_contiguous() and query.shape[-1] % 16 == 0
+            and (mask is None or mask.dtype == torch.bool))
+
+
+def use_native(enabled: bool | None = None) -> bool:
+    """Whether decode steps take our attention op: where it builds and the CPU has AVX-512 (`enabled` None), or
+    as told (tests compare both)."""
+    from bot.engines.cpu.native import kernels
+
+    probe = getattr(torch.cpu, "_is_avx512_supported", None)
+    enabled = kernels() is not None and (bool(probe and probe()) if enabled is None else enabled)
+    _native[:] = [enabled]
+    return enabled
+
+
 def _masked(scores: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """Scores with the masked columns out (a bool mask, the same for every head) or the float mask added."""
     if mask is None:
@@ -63,4 +87,6 @@ def register() -> str:
 
     AttentionInterface.register(NAME, decode_attention)
     AttentionMaskInterface.register(NAME, sdpa_mask)
+    if not _native:
+        use_native()
     return NAME

@@ -7,10 +7,11 @@ small model makes about two hundred such calls, so the per-call extras are a vis
 
 :func:`streamline` repacks every such layer up front, swaps in :class:`PackedInt4Linear` (one kernel call,
 a gather only where ``g_idx`` really permutes), and lets siblings that read the same input (q/k/v, gate/up)
-run as one wider matmul. Where our own kernel builds (:mod:`bot.engines.cpu.native`), each packed layer then moves
-to it as a :class:`NativeInt4Linear`: torch's int4 kernel is compute-bound on AVX2 for one row, ours runs
-one-token matmuls 1.3-1.5x faster. Each swap is checked against the original layer's output on a random input;
-a layer that does not match, or a GPTQModel version whose internals differ, is left as it was.
+run as one wider matmul. Where our own kernels build (:mod:`bot.engines.cpu.native`), the packed layers then race
+ours at load: :class:`Q8Int4Linear` where the CPU has AVX512-VNNI (8-bit activations, int32 dot products),
+:class:`NativeInt4Linear` elsewhere (fp32; on AVX2 it runs one-token matmuls 1.3-1.5x faster than torch's).
+Each swap is checked against the original layer's output on a random input; a layer that does not match, or a
+GPTQModel version whose internals differ, is left as it was.
 """
 
 from __future__ import annotations
@@ -30,10 +31,13 @@ LAYER_CLASSES = ("TorchAtenLinear", "TorchAtenAwqLinear")  # GPTQModel's CPU int
 FUSED_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 CHECK_TOLERANCE = 2e-2  # relative max error allowed against the original layer (bf16 outputs)
 NATIVE_BLOCK = 64  # inputs per packed block of our kernel (groups: 32 or multiples of 64)
+Q8_TILE, Q8_BLOCK = 16, 32  # outputs per tile of the 8-bit-activation kernel; inputs per activation scale
 TIMING_ROUNDS, TIMING_CALLS = 3, 8  # the kernel race at load: best of 3 rounds of 8 calls per batch size
 # Prompt sizes (rows) at which unpacking a weight to bf16 for one matmul races torch's int4 kernel at load; measured
 # here the unpacking wins from 24-32 rows (245 rows: 0.9 against 5.6 ms on a 576 x 3072 layer).
-DENSE_PROBE_ROWS = (16, 32, 64, 128)
+# The 8-bit-activation kernel keeps pace with the unpacking far longer (measured 1.4 against 1.7 ms at 128 rows, 6.6
+# against 5.2 at 512), hence the larger sizes.
+DENSE_PROBE_ROWS = (16, 32, 64, 128, 256, 512)
 DENSE_MARGIN = 0.85  # ... where it is clearly faster: near the crossover a 35-token prompt measured 10% slower
 
 
@@ -87,13 +91,67 @@ class NativeInt4Linear(nn.Module):
         self.register_buffer("offsets", offsets, persistent=False)
         self.register_buffer("perm", perm, persistent=False)
         self.register_buffer("bias", bias, persistent=False)
-        self.group_size, self.in_features, self.out_features = group_size, qweight.shape[1] * 2, qweight.shape[0]
+        self.group_size = group_size
+        self.in_features, self.out_features = self.shape()
+
+    def shape(self) -> tuple[int, int]:
+        """(in, out) features, from the packed weight."""
+        return self.qweight.shape[1] * 2, self.qweight.shape[0]
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.quantbot.int4_linear(x, self.qweight, self.scales, self.offsets, self.group_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.perm is not None:
             x = x.index_select(-1, self.perm)
-        out = torch.ops.quantbot.int4_linear(x, self.qweight, self.scales, self.offsets, self.group_size)
+        out = self.matmul(x)
         return out + self.bias if self.bias is not None else out
+
+
+class Q8Int4Linear(NativeInt4Linear):
+    """The same W through ``quantbot::int4_linear_q8`` (AVX512-VNNI): each row of x is quantized to int8 with a
+    scale per 32 inputs, as llama.cpp does, and multiplied in int32 four times as densely as in fp32; codes in
+    tiles of 16 outputs, bf16 scales and offsets ``[N / 16, groups, 16]`` (``native/q8_linear.cpp``). 8 rows measured
+    ~2x faster than torch's int4 kernel on a 2-core Zen 4, and one row too."""
+
+    dense_from: int | None = None  # rows from which a call unpacks the weight instead, as PackedInt4Linear does
+
+    def shape(self) -> tuple[int, int]:
+        return self.qweight.shape[1] * 8, self.qweight.shape[0] * Q8_TILE
+
+    def dense_weight(self) -> torch.Tensor:
+        """The bf16 weight, [in, out], made afresh for a long prompt (hundreds of rows: one bf16 matmul wins)."""
+        return torch.ops.quantbot.int4_q8_weight(self.qweight, self.scales, self.offsets, self.group_size)
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        if (not torch.compiler.is_compiling() and self.dense_from is not None
+                and x.numel() >= self.dense_from * self.in_features):
+            return (x.to(torch.bfloat16) @ self.dense_weight()).to(x.dtype)
+        return torch.ops.quantbot.int4_linear_q8(x, self.qweight, self.scales, self.offsets, self.group_size)
+
+
+OUR_INT4_LAYERS = (NativeInt4Linear, Q8Int4Linear)
+
+
+def q8_runs_here() -> bool:
+    """Whether this CPU has AVX512-VNNI, which the 8-bit-activation kernels need."""
+    probe = getattr(torch.cpu, "_is_vnni_supported", None)
+    return bool(probe and probe())
+
+
+def tile_pack(codes: torch.Tensor) -> torch.Tensor:
+    """Codes 0..15 of shape [N, K] as uint8 [N/16, K/8, 64]: byte 4l+j of chunk c holds output 16t+l's input 8c+j
+    in its low nibble and input 8c+4+j in its high one."""
+    n, k = codes.shape
+    c = codes.to(torch.uint8).reshape(n // Q8_TILE, Q8_TILE, k // 8, 2, 4)  # [tile, lane l, chunk, half, j]
+    pairs = c[:, :, :, 0, :] | (c[:, :, :, 1, :] << 4)
+    return pairs.permute(0, 2, 1, 3).contiguous().reshape(n // Q8_TILE, k // 8, 64)
+
+
+def by_tile(values: torch.Tensor) -> torch.Tensor:
+    """Per-output values [N, G] as [N/16, G, 16], so a tile's 16 outputs read one contiguous run per group."""
+    n, g = values.shape
+    return values.reshape(n // Q8_TILE, Q8_TILE, g).transpose(1, 2).contiguous()
 
 
 def nibble_pack(codes: torch.Tensor) -> torch.Tensor:
@@ -106,11 +164,9 @@ def nibble_pack(codes: torch.Tensor) -> torch.Tensor:
     return lanes.contiguous().view(torch.uint8).reshape(n, k // 2)
 
 
-def _native(packed: PackedInt4Linear) -> NativeInt4Linear:
-    """The twin of `packed` on our kernel, with the very weights torch's kernel uses (read back through it)."""
-    if (packed.group_size != 32 and packed.group_size % NATIVE_BLOCK) or packed.in_features % NATIVE_BLOCK:
-        raise ValueError(f"our kernel takes groups of 32 or a multiple of {NATIVE_BLOCK} inputs, "
-                         f"not {packed.group_size} of {packed.in_features}")
+def _codes(packed: PackedInt4Linear) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The very weights torch's kernel uses, read back through it: codes uint8 [N, K], scales and offsets
+    float32 [N, groups] with W = code * scale + offset."""
     groups = packed.in_features // packed.group_size
     # torch's kernel computes W = (code - 8) * scale + zero: with scale 1 and zero 8, times the identity, it
     # hands back the codes themselves in whatever order it packed them.
@@ -119,8 +175,27 @@ def _native(packed: PackedInt4Linear) -> NativeInt4Linear:
     codes = torch.ops.aten._weight_int4pack_mm_for_cpu(eye, packed.qweight, packed.group_size, unit)
     scales = packed.scales_and_zeros[..., 0].float()
     offsets = packed.scales_and_zeros[..., 1].float() - 8 * scales
-    return NativeInt4Linear(nibble_pack(codes.t().round().to(torch.uint8)), scales.t().contiguous(),
-                            offsets.t().contiguous(), packed.group_size, packed.perm, packed.bias)
+    return codes.t().round().to(torch.uint8), scales.t().contiguous(), offsets.t().contiguous()
+
+
+def _native(packed: PackedInt4Linear) -> NativeInt4Linear:
+    """The twin of `packed` on our fp32 kernel."""
+    if (packed.group_size != 32 and packed.group_size % NATIVE_BLOCK) or packed.in_features % NATIVE_BLOCK:
+        raise ValueError(f"our kernel takes groups of 32 or a multiple of {NATIVE_BLOCK} inputs, "
+                         f"not {packed.group_size} of {packed.in_features}")
+    codes, scales, offsets = _codes(packed)
+    return NativeInt4Linear(nibble_pack(codes), scales, offsets, packed.group_size, packed.perm, packed.bias)
+
+
+def _q8(packed: PackedInt4Linear) -> Q8Int4Linear:
+    """The twin of `packed` on our 8-bit-activation kernel."""
+    if packed.group_size % Q8_BLOCK or packed.out_features % Q8_TILE:
+        raise ValueError(f"the q8 kernel takes groups of a multiple of {Q8_BLOCK} inputs and a multiple of "
+                         f"{Q8_TILE} outputs, not {packed.group_size} and {packed.out_features}")
+    codes, scales, offsets = _codes(packed)
+    # 16-bit, as torch keeps them: the scales exactly; the offsets to within 1/256 of a code step (1/512 of theirs)
+    return Q8Int4Linear(tile_pack(codes), by_tile(scales.bfloat16()), by_tile(offsets.bfloat16()), packed.group_size,
+                        packed.perm, packed.bias)
 
 
 def call_seconds(layer: nn.Module, rows: int, dtype: torch.dtype) -> float:
@@ -150,19 +225,20 @@ def race(ours: nn.Module, theirs: nn.Module, rows: tuple[int, ...], dtype: torch
 
 
 def _on_native_kernel(packed: PackedInt4Linear, dtype: torch.dtype, native: bool = True) -> nn.Module:
-    """`packed` moved to our kernel where it builds and agrees with torch's (and `native` allows it); `packed`
-    itself otherwise."""
+    """`packed` moved to our kernel where it builds and agrees with torch's (and `native` allows it): the
+    8-bit-activation one where the CPU has VNNI, the fp32 one otherwise; `packed` itself if neither serves."""
     from bot.engines.cpu.native import kernels
 
     if not native or kernels() is None:
         return packed
-    try:
-        native = _native(packed)
-        if _matches(native, packed, dtype):
-            return native
-        log.warning("our int4 kernel disagrees with torch's on a layer; keeping torch's")
-    except Exception as exc:  # noqa: BLE001 - an unusual layout: torch's kernel still works
-        log.debug("not moving a layer to our int4 kernel: %s", exc)
+    for twin_of in (_q8, _native) if q8_runs_here() else (_native,):
+        try:
+            twin = twin_of(packed)
+            if _matches(twin, packed, dtype):
+                return twin
+            log.warning("our int4 kernel (%s) disagrees with torch's on a layer", type(twin).__name__)
+        except Exception as exc:  # noqa: BLE001 - an unusual layout: torch's kernel still works
+            log.debug("not moving a layer to %s: %s", twin_of.__name__, exc)
     return packed
 
 
@@ -308,14 +384,14 @@ def streamline(model: nn.Module, native: bool = True, rows: tuple[int, ...] | No
 
 
 def choose_dense_rows(model: nn.Module, dtype: torch.dtype) -> int | None:
-    """From how many input rows (prompt tokens x prompts) the model's torch-kernel int4 layers unpack their weight to
-    bf16 for one matmul: the fewest of :data:`DENSE_PROBE_ROWS` at which that clearly beats torch's int4 kernel on
-    the model's widest layer, timed here at load; every layer then follows it. None: never, or our kernels did not
-    build, or the unpacked weight disagrees with torch's kernel. Prompts only: a compiled decode step never takes it.
-    Kept in ``model.quantbot_dense_prompts``."""
+    """From how many input rows (prompt tokens x prompts) the model's int4 layers on torch's kernel (or on our q8 one)
+    unpack their weight to bf16 for one matmul: the fewest of :data:`DENSE_PROBE_ROWS` at which that clearly beats
+    their int4 kernel on the model's widest layer, timed here at load; every layer then follows it. None: never, or
+    our kernels did not build, or the unpacked weight disagrees with the int4 kernel. Prompts only: a compiled decode
+    step never takes it. Kept in ``model.quantbot_dense_prompts``."""
     from bot.engines.cpu.native import kernels
 
-    layers = [m for m in model.modules() if isinstance(m, PackedInt4Linear)]
+    layers = [m for m in model.modules() if isinstance(m, (PackedInt4Linear, Q8Int4Linear))]
     if not layers or kernels() is None:
         return None
     widest = max(layers, key=lambda m: m.in_features * m.out_features)

@@ -1,5 +1,6 @@
 """Our own CPU kernels (``torch.ops.quantbot``: ``int4_linear``, ``int8_linear``, and ``int4pack_weight`` for long
-prompts of layers on torch's int4 kernel; see lowbit_linear.cpp),
+prompts of layers on torch's int4 kernel, in lowbit_linear.cpp; ``int4_linear_q8`` and ``int8_linear_q8``, 8-bit
+activations through AVX512-VNNI, in q8_linear.cpp; ``decode_attention`` for batched decode steps, AVX-512),
 compiled on first use with torch's C++ extension builder and cached by torch (``$TORCH_EXTENSIONS_DIR``,
 default ``~/.cache/torch_extensions``).
 
@@ -18,7 +19,7 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 # --- tuning constants ---
-SOURCE = Path(__file__).with_name("lowbit_linear.cpp")
+SOURCES = [Path(__file__).with_name(n) for n in ("lowbit_linear.cpp", "q8_linear.cpp", "decode_attention.cpp")]
 BASE_FLAGS = ["-O3", "-fopenmp"]  # OpenMP: at::parallel_for splits the outputs over torch's threads
 # Vector flags by what torch detected on this CPU: explicit, not -march=native, so a cached build also runs on
 # another machine of the same class (the capability is part of the build's name).
@@ -61,7 +62,7 @@ def _build() -> Any | None:
         start = time.perf_counter()
         log.info("building our CPU kernels %s (once; about 15 s)", name)
         vector_flags = AVX2_FLAGS if avx2 else []
-        load(name=name, sources=[str(SOURCE)], extra_cflags=BASE_FLAGS + vector_flags,
+        load(name=name, sources=[str(s) for s in SOURCES], extra_cflags=BASE_FLAGS + vector_flags,
              extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
         log.debug("CPU kernels ready in %.1f s", time.perf_counter() - start)
     except Exception as exc:  # noqa: BLE001 - no compiler, no ninja, a failed build: torch's kernels still work
@@ -85,3 +86,18 @@ def _register_fakes() -> None:
     @torch.library.register_fake("quantbot::int8_linear")
     def _(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
         return x.new_empty((*x.shape[:-1], qweight.shape[0]))
+
+    @torch.library.register_fake("quantbot::int4_linear_q8")
+    def _(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor,
+          group_size: int) -> torch.Tensor:
+        return x.new_empty((*x.shape[:-1], qweight.shape[0] * qweight.shape[2] // 4))
+
+    @torch.library.register_fake("quantbot::decode_attention")
+    def _(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
+          scale: float) -> torch.Tensor:
+        batch, heads, _, dim = query.shape
+        return query.new_empty((batch, 1, heads, dim))
+
+    @torch.library.register_fake("quantbot::int8_linear_q8")
+    def _(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+        return x.new_empty((*x.shape[:-1], qweight.shape[0] * qweight.shape[2] // 4))
