@@ -125,11 +125,12 @@ def test_vnni_kernel_computes_the_dequantized_matmul_on_8_bit_activations(group_
     assert ops is not None
     n, k = 208, 256
     codes = torch.randint(0, 16, (n, k), dtype=torch.uint8)
+    # torch's terms (W = (code - 8) * scale + zero, both bf16), zeros far from 0 as in real asymmetric groups
     scales = (torch.rand(n, k // group_size) * 0.02 + 0.001).bfloat16()
-    offsets = (-torch.randint(0, 16, scales.shape) * scales.float()).bfloat16()  # kept 16-bit, as torch's are
-    weight = (codes.float() * scales.float().repeat_interleave(group_size, 1)
-              + offsets.float().repeat_interleave(group_size, 1))
-    layer = Q8Int4Linear(tile_pack(codes), by_tile(scales), by_tile(offsets), group_size)
+    zeros = (torch.randn(scales.shape) * 0.3).bfloat16()
+    weight = ((codes.float() - 8) * scales.float().repeat_interleave(group_size, 1)
+              + zeros.float().repeat_interleave(group_size, 1))
+    layer = Q8Int4Linear(tile_pack(codes), by_tile(scales), by_tile(zeros), group_size)
     assert (layer.in_features, layer.out_features) == (k, n)
     x = torch.randn(rows, k)
     want = q8_activations(x) @ weight.t()
@@ -141,7 +142,9 @@ def test_vnni_kernel_computes_the_dequantized_matmul_on_8_bit_activations(group_
     assert float((got - x @ weight.t()).abs().max()) < 0.02 * float(want.abs().max())
     assert layer(x.bfloat16()).dtype == torch.bfloat16
     with pytest.raises(RuntimeError, match="multiples of 32"):
-        ops.int4_linear_q8(x, layer.qweight, layer.scales, layer.offsets, 16)
+        ops.int4_linear_q8(x, layer.qweight, layer.scales, layer.zeros, 16)
+    unpacked = ops.int4_q8_weight(layer.qweight, layer.scales, layer.zeros, group_size)  # for a long prompt
+    assert unpacked.dtype == torch.bfloat16 and torch.allclose(unpacked.float(), weight.t(), rtol=2**-8, atol=1e-6)
 
 
 def test_without_the_native_kernel_torchs_kernel_does_the_work(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -323,13 +326,16 @@ def test_real_builds_hold_packed_4bit_layers_and_answer_as_before(kind: str) -> 
     margin = before.amax(-1) - before.gather(-1, after.argmax(-1, keepdim=True)).squeeze(-1)
     assert flips.float().mean() <= 0.15 and bool((margin[flips] <= 0.02 * before.abs().max()).all())
     # Both paths compute the same 4-bit W, so both differ from exact float32 math on these weights by the rounding
-    # of their activations (bf16: here ~4% RMS of the logits, single logits by up to ~2; int8 per 32 inputs: GPTQ
-    # 1.2x, AWQ 1.05x that); ours must stay within that noise of torch's distance, whatever the build: a wrong
-    # scale, offset or code order in one layer breaks it.
+    # of their activations (bf16: here ~4% RMS of the logits, single logits by up to ~2); ours must stay within that
+    # noise of torch's distance, whatever the build: a wrong scale, offset or code order in one layer breaks it.
+    # Activations rounded to int8 per 32 inputs (VNNI) are noisier: GPTQ measured 1.8x torch's distance, for a
+    # held-out perplexity 0.2-0.3% higher than on torch's kernel (`models eval`: GPTQ 1.091 -> 1.093, AWQ 1.087 ->
+    # 1.090 of the unquantized model's).
+    limit = 2.5 if q8_runs_here() else 1.5
     with torch.inference_mode():
         exact = float32_twin(model)(input_ids=ids).logits.float()
     ours, torchs = rms(after - exact), rms(before - exact)
-    assert ours <= 1.5 * torchs and torchs < 0.1 * rms(exact), (ours, torchs, rms(exact))
+    assert ours <= limit * torchs and torchs < 0.1 * rms(exact), (ours, torchs, rms(exact))
 
 
 def rms(x: torch.Tensor) -> float:

@@ -88,7 +88,7 @@ def _register_fakes() -> None:
         return x.new_empty((*x.shape[:-1], qweight.shape[0]))
 
     @torch.library.register_fake("quantbot::int4_linear_q8")
-    def _(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor,
+    def _(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
           group_size: int) -> torch.Tensor:
         return x.new_empty((*x.shape[:-1], qweight.shape[0] * qweight.shape[2] // 4))
 

@@ -8,10 +8,10 @@
 //
 // Layout (16 outputs a tile, so one 512-bit register holds 16 int32 sums, one per output):
 //   quantbot::int4_linear_q8: qweight uint8 [N / 16, K / 8, 64]; byte 4 * l + j of chunk c holds, for output
-//     16 * t + l, input 8 * c + j in its low nibble and input 8 * c + 4 + j in its high one. scales and offsets
-//     bfloat16 [N / 16, K / group, 16]: W[n, k] = code * scale + offset. Groups are multiples of 32 inputs. (16-bit:
-//     with groups of 32, float32 scales and offsets would add half again to the codes' bytes, and one row's matmul
-//     only streams memory.)
+//     16 * t + l, input 8 * c + j in its low nibble and input 8 * c + 4 + j in its high one. scales and zeros
+//     bfloat16 [N / 16, K / group, 16]: W[n, k] = (code - 8) * scale + zero, torch's own terms for its int4 kernel,
+//     so both hold the same W in as many bytes (with groups of 32, float32 terms would add half again to the codes'
+//     bytes, and one row's matmul only streams memory). Groups are multiples of 32 inputs.
 //   quantbot::int8_linear_q8: qweight uint8 [N / 16, K / 4, 64]; byte 4 * l + j of chunk c holds code + 128 of
 //     output 16 * t + l, input 4 * c + j. scales float32 [N / 16, K / 32, 16]: W[n, k] = code * scale.
 // An activation code times an unsigned weight code: the +128 of the int8 weights comes back out as 128 times the
@@ -98,7 +98,7 @@ QB_TARGET inline __m512i broadcast4(const int8_t* p) {
 
 // R rows (from row m0) times one tile of int4 weights: y[m, 16 t .. 16 t + 16].
 template <int R, typename Out>
-QB_TARGET void int4_tile(const uint8_t* qt, const at::BFloat16* st, const at::BFloat16* ot, const Quantized& x,
+QB_TARGET void int4_tile(const uint8_t* qt, const at::BFloat16* st, const at::BFloat16* zt, const Quantized& x,
                          int64_t m0, int64_t K, int64_t group_size, Out* y, int64_t N, int64_t n0) {
   const int64_t G = K / group_size, B = K / QBLOCK, per_group = group_size / QBLOCK;
   const __m512i low = _mm512_set1_epi8(0x0F);
@@ -127,7 +127,8 @@ QB_TARGET void int4_tile(const uint8_t* qt, const at::BFloat16* st, const at::BF
         xsum[r] += sx * static_cast<float>(x.sum[(m0 + r) * B + b]);
       }
     }
-    const __m512 s = load_bf16(st + g * TILE), o = load_bf16(ot + g * TILE);
+    const __m512 s = load_bf16(st + g * TILE);
+    const __m512 o = _mm512_fmadd_ps(s, _mm512_set1_ps(-8.f), load_bf16(zt + g * TILE));  // zero - 8 * scale
     for (int r = 0; r < R; ++r)
       out[r] = _mm512_fmadd_ps(o, _mm512_set1_ps(xsum[r]), _mm512_fmadd_ps(gacc[r], s, out[r]));
   }
@@ -206,28 +207,28 @@ at::Tensor output_for(const at::Tensor& x, int64_t N) {
 }
 
 at::Tensor int4_linear_q8(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
-                          const at::Tensor& offsets, int64_t group_size) {
+                          const at::Tensor& zeros, int64_t group_size) {
   TORCH_CHECK(vnni_here(), "int4_linear_q8 needs AVX512-VNNI");
   TORCH_CHECK(qweight.scalar_type() == at::kByte && qweight.dim() == 3 && qweight.size(2) == 64 &&
               qweight.is_contiguous(), "qweight must be contiguous uint8 [N / 16, K / 8, 64]");
   const int64_t N = qweight.size(0) * TILE, K = qweight.size(1) * 8;
   TORCH_CHECK(group_size > 0 && group_size % QBLOCK == 0 && K % group_size == 0, "groups must be multiples of 32");
   const int64_t G = K / group_size;
-  for (const at::Tensor* t : {&scales, &offsets})
+  for (const at::Tensor* t : {&scales, &zeros})
     TORCH_CHECK(t->scalar_type() == at::kBFloat16 && t->is_contiguous() &&
                 t->sizes() == at::IntArrayRef({N / TILE, G, TILE}),
-                "scales and offsets must be bfloat16 [N / 16, G, 16]");
+                "scales and zeros must be bfloat16 [N / 16, G, 16]");
   const at::Tensor x2 = checked_rows(x, K);
   const int64_t M = x2.size(0);
   at::Tensor y = output_for(x, N);
 #if defined(__x86_64__)
   const uint8_t* qw = qweight.data_ptr<uint8_t>();
-  const at::BFloat16 *sp = scales.data_ptr<at::BFloat16>(), *op = offsets.data_ptr<at::BFloat16>();
+  const at::BFloat16 *sp = scales.data_ptr<at::BFloat16>(), *zp = zeros.data_ptr<at::BFloat16>();
   with_rows(x2, y, [&](const auto* xp, auto* yp) {
     const Quantized q = quantize(xp, M, K);
     over_tiles(M, N, [&](int64_t t, int64_t m, int64_t rows) {
 #define QB_INT4(R) \
-  int4_tile<R>(qw + t * (K / 8) * 64, sp + t * G * TILE, op + t * G * TILE, q, m, K, group_size, yp, N, t * TILE)
+  int4_tile<R>(qw + t * (K / 8) * 64, sp + t * G * TILE, zp + t * G * TILE, q, m, K, group_size, yp, N, t * TILE)
       QB_DISPATCH(rows, QB_INT4)
 #undef QB_INT4
     });
@@ -265,30 +266,30 @@ at::Tensor int8_linear_q8(const at::Tensor& x, const at::Tensor& qweight, const 
 
 // The bf16 weight, transposed to [K, N], of int4_linear_q8's tiles: a long prompt runs faster as this and one bf16
 // matmul (measured 5.2 against 6.6 ms for 512 rows of a 576 x 3072 layer), as for layers on torch's kernel.
-at::Tensor int4_q8_weight(const at::Tensor& qweight, const at::Tensor& scales, const at::Tensor& offsets,
+at::Tensor int4_q8_weight(const at::Tensor& qweight, const at::Tensor& scales, const at::Tensor& zeros,
                           int64_t group_size) {
   TORCH_CHECK(qweight.scalar_type() == at::kByte && qweight.dim() == 3 && qweight.size(2) == 64 &&
               qweight.is_contiguous(), "qweight must be contiguous uint8 [N / 16, K / 8, 64]");
   const int64_t T = qweight.size(0), N = T * TILE, K = qweight.size(1) * 8;
   TORCH_CHECK(group_size > 0 && K % group_size == 0, "K must be a multiple of the group size");
   const int64_t G = K / group_size;
-  for (const at::Tensor* t : {&scales, &offsets})
+  for (const at::Tensor* t : {&scales, &zeros})
     TORCH_CHECK(t->scalar_type() == at::kBFloat16 && t->is_contiguous() && t->numel() == T * G * TILE,
-                "scales and offsets must be bfloat16 [N / 16, G, 16]");
+                "scales and zeros must be bfloat16 [N / 16, G, 16]");
   at::Tensor w = at::empty({K, N}, qweight.options().dtype(at::kBFloat16));
   const uint8_t* q = qweight.data_ptr<uint8_t>();
-  const at::BFloat16 *sp = scales.data_ptr<at::BFloat16>(), *op = offsets.data_ptr<at::BFloat16>();
+  const at::BFloat16 *sp = scales.data_ptr<at::BFloat16>(), *zp = zeros.data_ptr<at::BFloat16>();
   at::BFloat16* out = w.data_ptr<at::BFloat16>();
   at::parallel_for(0, K / 8, 8, [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) {
       const int64_t g = (8 * c) / group_size;
       for (int64_t t = 0; t < T; ++t) {
         const uint8_t* chunk = q + (t * (K / 8) + c) * 64;
-        const at::BFloat16 *s = sp + (t * G + g) * TILE, *o = op + (t * G + g) * TILE;
+        const at::BFloat16 *s = sp + (t * G + g) * TILE, *z = zp + (t * G + g) * TILE;
         for (int l = 0; l < TILE; ++l)
           for (int j = 0; j < 4; ++j) {
             const uint8_t byte = chunk[4 * l + j];
-            const float scale = static_cast<float>(s[l]), offset = static_cast<float>(o[l]);
+            const float scale = static_cast<float>(s[l]), offset = static_cast<float>(z[l]) - 8.f * scale;
             out[(8 * c + j) * N + t * TILE + l] = static_cast<at::BFloat16>(float(byte & 15) * scale + offset);
             out[(8 * c + 4 + j) * N + t * TILE + l] = static_cast<at::BFloat16>(float(byte >> 4) * scale + offset);
           }
@@ -301,9 +302,9 @@ at::Tensor int4_q8_weight(const at::Tensor& qweight, const at::Tensor& scales, c
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(quantbot, m) {
-  m.def("int4_linear_q8(Tensor x, Tensor qweight, Tensor scales, Tensor offsets, int group_size) -> Tensor");
+  m.def("int4_linear_q8(Tensor x, Tensor qweight, Tensor scales, Tensor zeros, int group_size) -> Tensor");
   m.def("int8_linear_q8(Tensor x, Tensor qweight, Tensor scales) -> Tensor");
-  m.def("int4_q8_weight(Tensor qweight, Tensor scales, Tensor offsets, int group_size) -> Tensor");
+  m.def("int4_q8_weight(Tensor qweight, Tensor scales, Tensor zeros, int group_size) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(quantbot, CPU, m) {
