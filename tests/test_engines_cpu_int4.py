@@ -109,9 +109,9 @@ def test_native_kernel_computes_the_dequantized_matmul(group_size: int, rows: in
 def q8_activations(x: torch.Tensor) -> torch.Tensor:
     """`x` as the 8-bit-activation kernels see it: each run of 32 inputs rounded to int8 codes times max|x| / 127."""
     blocks = x.float().reshape(*x.shape[:-1], -1, 32)
-    scale = blocks.abs().amax(-1, keepdim=True) / 127
-    codes = torch.where(scale > 0, torch.round(blocks / scale.clamp_min(1e-30)), torch.zeros_like(blocks))
-    return (codes * scale).reshape(x.shape)
+    peak = blocks.abs().amax(-1, keepdim=True)
+    codes = torch.round(blocks * torch.where(peak > 0, 127 / peak, torch.zeros_like(peak)))  # x * (127 / peak)
+    return (codes * (peak / 127)).reshape(x.shape)
 
 
 @pytest.mark.skipif(not q8_runs_here(), reason="the 8-bit-activation kernel needs AVX512-VNNI")
@@ -123,6 +123,7 @@ def test_vnni_kernel_computes_the_dequantized_matmul_on_8_bit_activations(group_
     decoded in a batch computes what it would alone)."""
     ops = native.kernels()
     assert ops is not None
+    torch.manual_seed(group_size + rows)
     n, k = 208, 256
     codes = torch.randint(0, 16, (n, k), dtype=torch.uint8)
     # torch's terms (W = (code - 8) * scale + zero, both bf16), zeros far from 0 as in real asymmetric groups

@@ -56,9 +56,12 @@ def decode_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
 
 
 def _fits_native(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None) -> bool:
-    """What our op takes: one dtype (bf16 or fp32), a contiguous cache, no mask or a bool one, heads of 16k."""
+    """What our op takes: one dtype (bf16 or fp32), a contiguous cache, no mask or a bool one, heads of 16k up to
+    256 wide, at most 8 query heads a key/value head (native/decode_attention.cpp); other models keep the math."""
+    heads, kv_heads, dim = query.shape[1], key.shape[1], query.shape[-1]
     return (query.dtype == key.dtype == value.dtype and key.dtype in (torch.bfloat16, torch.float32)
-            and key.is_contiguous() and value.is_contiguous() and query.shape[-1] % 16 == 0
+            and key.is_contiguous() and value.is_contiguous() and dim % 16 == 0 and dim <= 256
+            and kv_heads > 0 and heads % kv_heads == 0 and heads // kv_heads <= 8
             and (mask is None or mask.dtype == torch.bool))
 
 

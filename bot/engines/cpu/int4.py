@@ -332,9 +332,9 @@ def rounded_like(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     if not getattr(layer, "EIGHT_BIT_ACTIVATIONS", False):
         return x
     blocks = x.float().reshape(*x.shape[:-1], -1, Q8_BLOCK)
-    scale = blocks.abs().amax(-1, keepdim=True) / 127
-    codes = torch.round(blocks * torch.where(scale > 0, 1 / scale, torch.zeros_like(scale)))
-    return (codes * scale).reshape(x.shape).to(x.dtype)
+    peak = blocks.abs().amax(-1, keepdim=True)
+    codes = torch.round(blocks * torch.where(peak > 0, 127 / peak, torch.zeros_like(peak)))  # as the kernel rounds
+    return (codes * (peak / 127)).reshape(x.shape).to(x.dtype)
 
 
 def streamline(model: nn.Module, native: bool = True, rows: tuple[int, ...] | None = (1,)) -> int:

@@ -141,7 +141,7 @@ at::Tensor decode_attention(const at::Tensor& query, const at::Tensor& key, cons
   TORCH_CHECK(query.dim() == 4 && key.dim() == 4 && value.sizes() == key.sizes() && query.size(2) == 1,
               "query [B, H, 1, D], key and value [B, Hkv, L, D]");
   const int64_t B = query.size(0), H = query.size(1), D = query.size(3), Hkv = key.size(1), L = key.size(2);
-  TORCH_CHECK(key.size(0) == B && key.size(3) == D && H % Hkv == 0 && H / Hkv <= MAX_GROUPS,
+  TORCH_CHECK(key.size(0) == B && key.size(3) == D && Hkv > 0 && H % Hkv == 0 && H / Hkv <= MAX_GROUPS,
               "the query's heads must group over the key/value heads (at most 8 a group)");
   TORCH_CHECK(D % 16 == 0 && D <= MAX_DIM, "the head size must be a multiple of 16, at most 256");
   TORCH_CHECK(query.scalar_type() == key.scalar_type() && key.scalar_type() == value.scalar_type() &&

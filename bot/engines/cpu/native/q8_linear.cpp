@@ -21,6 +21,7 @@
 #include <c10/util/BFloat16.h>
 #include <torch/library.h>
 
+#include <cfloat>
 #include <cmath>
 #include <vector>
 
@@ -79,7 +80,7 @@ QB_TARGET Quantized quantize(const T* x, int64_t M, int64_t K) {
   for (int64_t b = 0; b < M * K / QBLOCK; ++b) {
     const __m512 lo = load16(x + b * QBLOCK), hi = load16(x + b * QBLOCK + 16);
     const float peak = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(lo), _mm512_abs_ps(hi)));
-    const __m512 inverse = _mm512_set1_ps(peak > 0.f ? 127.f / peak : 0.f);
+    const __m512 inverse = _mm512_set1_ps(peak > 127.f / FLT_MAX ? 127.f / peak : 0.f);  // (zeros: all codes 0)
     const __m512i c_lo = _mm512_cvtps_epi32(_mm512_mul_ps(lo, inverse));
     const __m512i c_hi = _mm512_cvtps_epi32(_mm512_mul_ps(hi, inverse));
     _mm_storeu_si128(reinterpret_cast<__m128i*>(q.codes.data() + b * QBLOCK), _mm512_cvtsepi32_epi8(c_lo));
@@ -271,11 +272,11 @@ at::Tensor int4_q8_weight(const at::Tensor& qweight, const at::Tensor& scales, c
   TORCH_CHECK(qweight.scalar_type() == at::kByte && qweight.dim() == 3 && qweight.size(2) == 64 &&
               qweight.is_contiguous(), "qweight must be contiguous uint8 [N / 16, K / 8, 64]");
   const int64_t T = qweight.size(0), N = T * TILE, K = qweight.size(1) * 8;
-  TORCH_CHECK(group_size > 0 && K % group_size == 0, "K must be a multiple of the group size");
+  TORCH_CHECK(group_size > 0 && group_size % QBLOCK == 0 && K % group_size == 0, "groups must be multiples of 32");
   const int64_t G = K / group_size;
   for (const at::Tensor* t : {&scales, &zeros})
-    TORCH_CHECK(t->scalar_type() == at::kBFloat16 && t->is_contiguous() && t->numel() == T * G * TILE,
-                "scales and zeros must be bfloat16 [N / 16, G, 16]");
+    TORCH_CHECK(t->scalar_type() == at::kBFloat16 && t->is_contiguous() &&
+                t->sizes() == at::IntArrayRef({T, G, TILE}), "scales and zeros must be bfloat16 [N / 16, G, 16]");
   at::Tensor w = at::empty({K, N}, qweight.options().dtype(at::kBFloat16));
   const uint8_t* q = qweight.data_ptr<uint8_t>();
   const at::BFloat16 *sp = scales.data_ptr<at::BFloat16>(), *zp = zeros.data_ptr<at::BFloat16>();
