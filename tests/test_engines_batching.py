@@ -119,11 +119,15 @@ def test_greedy_replies_in_a_batch_equal_the_same_replies_alone(engine: Transfor
     together = [request_for(engine, q) for q in QUESTIONS]
     batched = run(engine, together)
     assert engine.scheduler.peak_rows == len(QUESTIONS)  # they really shared the batch
-    equal = 0
+    together_for = []  # tokens each reply shares with itself alone before they part (on a near tie, checked)
     for steps, tokens in zip(alone, batched):
         assert_same_or_near_tie(steps, tokens, engine.scheduler.end_ids)
-        equal += [t for t, _ in steps][:len(tokens)] == tokens and len(steps) - len(tokens) in (0, 1)
-    assert equal >= 1  # at least one reply is token for token the same (near ties are rare, not the rule)
+        mine = [t for t, _ in steps]
+        together_for.append(next((i for i, (a, b) in enumerate(zip(mine, tokens)) if a != b), len(tokens)))
+    # Near ties are not the rule: some reply stays the same for a good stretch. (Token for token equal is too much to
+    # ask of a 135M model on 8-bit activations, where a last-bit difference can flip an activation's code: a fresh
+    # build's four replies parted at tokens 0, 3, 13 and 35 of 30-40, each on a near tie.)
+    assert max(together_for) >= 10, together_for
 
 
 def test_a_reply_joining_a_running_batch_starts_before_the_others_finish(engine: TransformersEngine) -> None:

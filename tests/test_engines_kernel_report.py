@@ -376,8 +376,11 @@ def test_the_real_gptq_build_reports_the_kernel_that_won() -> None:
         report = engine.kernel_report
         assert report is not None
         model = engine.model
-        int4 = ("our int4 kernel" if model.quantbot_int4_race["ours_faster"]
-                else "torch's int4 kernel (faster than ours here)")
+        from bot.engines.cpu.int4 import Q8Int4Linear
+
+        ours = ("our int4 kernel with 8-bit activations (VNNI)"
+                if any(isinstance(m, Q8Int4Linear) for m in model.modules()) else "our int4 kernel")
+        int4 = ours if model.quantbot_int4_race["ours_faster"] else "torch's int4 kernel (faster than ours here)"
         race = getattr(model, "quantbot_head_race", {})
         head = ", 8-bit head" if race.get("ours_faster") else ""
         if race.get("by_width"):
