@@ -47,11 +47,12 @@ bool vnni_here() {
 #endif
 }
 
-// x [M, K] as int8 codes with a scale per 32 inputs; also each block's code sum (for the offsets and the +128).
+// x [M, K] as int8 codes with a scale per 32 inputs; also, per group of weights, what x sums to in it (for the
+// weights' offsets and the int8 weights' +128): each block's code sum times its scale, summed over the group.
 struct Quantized {
   std::vector<int8_t> codes;
   std::vector<float> scale;  // [M, K / 32]
-  std::vector<int32_t> sum;  // [M, K / 32]
+  std::vector<float> sum;    // [M, K / group]
 };
 
 #if defined(__x86_64__)
@@ -75,8 +76,9 @@ QB_TARGET inline void store16(at::BFloat16* p, __m512 v) {
 
 // Each run of 32 inputs of x [M, K]: scale = max |x| / 127, codes = x / scale rounded to the nearest (ties to even).
 template <typename T>
-QB_TARGET Quantized quantize(const T* x, int64_t M, int64_t K) {
-  Quantized q{std::vector<int8_t>(M * K), std::vector<float>(M * K / QBLOCK), std::vector<int32_t>(M * K / QBLOCK)};
+QB_TARGET Quantized quantize(const T* x, int64_t M, int64_t K, int64_t group_size) {
+  const int64_t per_group = group_size / QBLOCK;
+  Quantized q{std::vector<int8_t>(M * K), std::vector<float>(M * K / QBLOCK), std::vector<float>(M * K / group_size)};
   for (int64_t b = 0; b < M * K / QBLOCK; ++b) {
     const __m512 lo = load16(x + b * QBLOCK), hi = load16(x + b * QBLOCK + 16);
     const float peak = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(lo), _mm512_abs_ps(hi)));
@@ -86,7 +88,7 @@ QB_TARGET Quantized quantize(const T* x, int64_t M, int64_t K) {
     _mm_storeu_si128(reinterpret_cast<__m128i*>(q.codes.data() + b * QBLOCK), _mm512_cvtsepi32_epi8(c_lo));
     _mm_storeu_si128(reinterpret_cast<__m128i*>(q.codes.data() + b * QBLOCK + 16), _mm512_cvtsepi32_epi8(c_hi));
     q.scale[b] = peak / 127.f;
-    q.sum[b] = _mm512_reduce_add_epi32(_mm512_add_epi32(c_lo, c_hi));
+    q.sum[b / per_group] += q.scale[b] * static_cast<float>(_mm512_reduce_add_epi32(_mm512_add_epi32(c_lo, c_hi)));
   }
   return q;
 }
@@ -97,18 +99,19 @@ QB_TARGET inline __m512i broadcast4(const int8_t* p) {
   return _mm512_set1_epi32(v);
 }
 
-// R rows (from row m0) times one tile of int4 weights: y[m, 16 t .. 16 t + 16].
+// R rows (from row m0) times one tile of int4 weights: y[m, 16 t .. 16 t + 16]. Per group and row, the float work is
+// four instructions beside the group's eight VPDPBUSD (it was nine, with scalar sums, and took longer than they did).
 template <int R, typename Out>
 QB_TARGET void int4_tile(const uint8_t* qt, const at::BFloat16* st, const at::BFloat16* zt, const Quantized& x,
                          int64_t m0, int64_t K, int64_t group_size, Out* y, int64_t N, int64_t n0) {
   const int64_t G = K / group_size, B = K / QBLOCK, per_group = group_size / QBLOCK;
   const __m512i low = _mm512_set1_epi8(0x0F);
+  const int8_t* codes = x.codes.data() + m0 * K;
+  const float *xscale = x.scale.data() + m0 * B, *xsum = x.sum.data() + m0 * G;
   __m512 out[R];
   for (int r = 0; r < R; ++r) out[r] = _mm512_setzero_ps();
   for (int64_t g = 0; g < G; ++g) {
     __m512 gacc[R];
-    float xsum[R];
-    for (int r = 0; r < R; ++r) gacc[r] = _mm512_setzero_ps(), xsum[r] = 0.f;
     for (int64_t b = g * per_group; b < (g + 1) * per_group; ++b) {
       __m512i iacc[R];
       for (int r = 0; r < R; ++r) iacc[r] = _mm512_setzero_si512();
@@ -117,21 +120,19 @@ QB_TARGET void int4_tile(const uint8_t* qt, const at::BFloat16* st, const at::BF
         const __m512i w = _mm512_loadu_si512(qt + (k / 8) * 64);
         const __m512i lo = _mm512_and_si512(w, low), hi = _mm512_and_si512(_mm512_srli_epi16(w, 4), low);
         for (int r = 0; r < R; ++r) {
-          const int8_t* xr = x.codes.data() + (m0 + r) * K + k;
-          iacc[r] = _mm512_dpbusd_epi32(iacc[r], lo, broadcast4(xr));
-          iacc[r] = _mm512_dpbusd_epi32(iacc[r], hi, broadcast4(xr + 4));
+          iacc[r] = _mm512_dpbusd_epi32(iacc[r], lo, broadcast4(codes + r * K + k));
+          iacc[r] = _mm512_dpbusd_epi32(iacc[r], hi, broadcast4(codes + r * K + k + 4));
         }
       }
       for (int r = 0; r < R; ++r) {
-        const float sx = x.scale[(m0 + r) * B + b];
-        gacc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(iacc[r]), _mm512_set1_ps(sx), gacc[r]);
-        xsum[r] += sx * static_cast<float>(x.sum[(m0 + r) * B + b]);
+        const __m512 part = _mm512_cvtepi32_ps(iacc[r]), sx = _mm512_set1_ps(xscale[r * B + b]);
+        gacc[r] = b == g * per_group ? _mm512_mul_ps(part, sx) : _mm512_fmadd_ps(part, sx, gacc[r]);
       }
     }
     const __m512 s = load_bf16(st + g * TILE);
     const __m512 o = _mm512_fmadd_ps(s, _mm512_set1_ps(-8.f), load_bf16(zt + g * TILE));  // zero - 8 * scale
     for (int r = 0; r < R; ++r)
-      out[r] = _mm512_fmadd_ps(o, _mm512_set1_ps(xsum[r]), _mm512_fmadd_ps(gacc[r], s, out[r]));
+      out[r] = _mm512_fmadd_ps(o, _mm512_set1_ps(xsum[r * G + g]), _mm512_fmadd_ps(gacc[r], s, out[r]));
   }
   for (int r = 0; r < R; ++r) store16(y + (m0 + r) * N + n0, out[r]);
 }
@@ -141,6 +142,8 @@ template <int R, typename Out>
 QB_TARGET void int8_tile(const uint8_t* qt, const float* st, const Quantized& x, int64_t m0, int64_t K, Out* y,
                          int64_t N, int64_t n0) {
   const int64_t B = K / QBLOCK;
+  const int8_t* codes = x.codes.data() + m0 * K;
+  const float *xscale = x.scale.data() + m0 * B, *xsum = x.sum.data() + m0 * B;
   __m512 out[R];
   for (int r = 0; r < R; ++r) out[r] = _mm512_setzero_ps();
   for (int64_t b = 0; b < B; ++b) {
@@ -149,13 +152,12 @@ QB_TARGET void int8_tile(const uint8_t* qt, const float* st, const Quantized& x,
     for (int c = 0; c < QBLOCK / 4; ++c) {
       const int64_t k = b * QBLOCK + 4 * c;
       const __m512i w = _mm512_loadu_si512(qt + k * TILE);
-      for (int r = 0; r < R; ++r)
-        iacc[r] = _mm512_dpbusd_epi32(iacc[r], w, broadcast4(x.codes.data() + (m0 + r) * K + k));
+      for (int r = 0; r < R; ++r) iacc[r] = _mm512_dpbusd_epi32(iacc[r], w, broadcast4(codes + r * K + k));
     }
     const __m512 s = _mm512_loadu_ps(st + b * TILE);
     for (int r = 0; r < R; ++r) {
-      const float sx = x.scale[(m0 + r) * B + b], bias = 128.f * sx * static_cast<float>(x.sum[(m0 + r) * B + b]);
-      const __m512 part = _mm512_fmsub_ps(_mm512_cvtepi32_ps(iacc[r]), _mm512_set1_ps(sx), _mm512_set1_ps(bias));
+      const __m512 part = _mm512_fmsub_ps(_mm512_cvtepi32_ps(iacc[r]), _mm512_set1_ps(xscale[r * B + b]),
+                                          _mm512_set1_ps(128.f * xsum[r * B + b]));
       out[r] = _mm512_fmadd_ps(part, s, out[r]);
     }
   }
@@ -226,7 +228,7 @@ at::Tensor int4_linear_q8(const at::Tensor& x, const at::Tensor& qweight, const 
   const uint8_t* qw = qweight.data_ptr<uint8_t>();
   const at::BFloat16 *sp = scales.data_ptr<at::BFloat16>(), *zp = zeros.data_ptr<at::BFloat16>();
   with_rows(x2, y, [&](const auto* xp, auto* yp) {
-    const Quantized q = quantize(xp, M, K);
+    const Quantized q = quantize(xp, M, K, group_size);
     over_tiles(M, N, [&](int64_t t, int64_t m, int64_t rows) {
 #define QB_INT4(R) \
   int4_tile<R>(qw + t * (K / 8) * 64, sp + t * G * TILE, zp + t * G * TILE, q, m, K, group_size, yp, N, t * TILE)
@@ -254,7 +256,7 @@ at::Tensor int8_linear_q8(const at::Tensor& x, const at::Tensor& qweight, const 
   const uint8_t* qw = qweight.data_ptr<uint8_t>();
   const float* sp = scales.data_ptr<float>();
   with_rows(x2, y, [&](const auto* xp, auto* yp) {
-    const Quantized q = quantize(xp, M, K);
+    const Quantized q = quantize(xp, M, K, QBLOCK);
     over_tiles(M, N, [&](int64_t t, int64_t m, int64_t rows) {
 #define QB_INT8(R) int8_tile<R>(qw + t * (K / 4) * 64, sp + t * (K / QBLOCK) * TILE, q, m, K, yp, N, t * TILE)
       QB_DISPATCH(rows, QB_INT8)
