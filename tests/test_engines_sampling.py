@@ -64,6 +64,22 @@ def test_a_flat_row_beside_a_peaked_one_still_gets_its_whole_nucleus() -> None:
     assert len(flat_picks) > 150 and max(flat_picks) >= 400  # beyond the 256 candidates: the nucleus is 900
 
 
+def test_each_row_widens_its_candidates_only_as_far_as_its_own_nucleus_needs() -> None:
+    """Three rows in one batch: a nucleus of ~900 tokens (past the first candidates), one of ~5,400 (past the
+    widest: sorted in full) and one token; each row draws from exactly its own nucleus."""
+    vocab = 6000
+    wide = torch.full((vocab,), -30.0)
+    wide[:1000] = 0.0
+    scores = torch.stack([wide, torch.zeros(vocab), torch.full((vocab,), -30.0)])
+    scores[2, 7] = 0.0
+    draws = torch.linspace(0, 0.999, 300)
+    picks = torch.stack([sample(scores, torch.ones(3), torch.full((3,), 0.9), torch.full((3,), float(u)))
+                         for u in draws])
+    assert int(picks[:, 0].max()) < 1000 and len(set(picks[:, 0].tolist())) > 256
+    assert int(picks[:, 1].max()) >= 4096 and len(set(picks[:, 1].tolist())) > 250
+    assert set(picks[:, 2].tolist()) == {7}
+
+
 @pytest.mark.parametrize(("temperature", "top_p"), [(0.7, 0.9), (1.0, 1.0), (3.0, 0.95)])
 def test_sampled_distribution_matches_transformers_top_p_warper(temperature: float, top_p: float) -> None:
     """Over many draws, the batched sampler picks each token as often as Transformers' TopPLogitsWarper and a
