@@ -410,33 +410,25 @@ def sample(scores: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor,
     vocabulary order, without sorting; a row whose nucleus is wider than the candidates is the only one sorted."""
     probs = torch.softmax(scores / temperature[:, None], dim=-1)
     picked = torch.empty(probs.shape[0], dtype=torch.long, device=probs.device)
+    todo = torch.arange(probs.shape[0], device=probs.device)  # the rows still to pick
     whole = top_p >= 1.0
-    todo: torch.Tensor | None = None  # the rows still to pick (None: all of them, no copy)
     if bool(whole.any()):
-        rows = whole.nonzero().squeeze(1)
-        picked[rows] = _draw(probs.index_select(0, rows), None, uniforms.index_select(0, rows))
-        todo = (~whole).nonzero().squeeze(1)
+        picked[whole] = _draw(probs[whole], None, uniforms[whole])
+        todo = todo[~whole]
     vocab = probs.shape[-1]
     for width in sorted({min(w, vocab) for w in (*TOP_P_CANDIDATES, vocab)}):
-        if todo is not None and todo.numel() == 0:
+        if todo.numel() == 0:
             break
-        part, nucleus, draws = ((probs, top_p, uniforms) if todo is None else
-                                (probs.index_select(0, todo), top_p.index_select(0, todo), uniforms.index_select(0, todo)))
-        if width < vocab:
-            values, indices = torch.topk(part, width)
-            enough = values.sum(-1) >= nucleus
-        else:
-            values, indices = torch.sort(part, descending=True)
-            enough = torch.ones_like(nucleus, dtype=torch.bool)
-        rows = todo if todo is not None else torch.arange(part.shape[0], device=part.device)
+        part = probs if todo.numel() == probs.shape[0] else probs[todo]  # no copy while every row is still to pick
+        values, indices = torch.topk(part, width) if width < vocab else torch.sort(part, descending=True)
+        nucleus = top_p[todo]
+        enough = values.sum(-1) >= nucleus if width < vocab else torch.ones_like(todo, dtype=torch.bool)
         if not bool(enough.all()):  # these rows' nuclei reach past the candidates: they try a wider set
-            values, indices, nucleus, draws = values[enough], indices[enough], nucleus[enough], draws[enough]
-            rows, todo = rows[enough], rows[~enough]
-        else:
-            todo = rows[:0]
+            values, indices, nucleus = values[enough], indices[enough], nucleus[enough]
+        rows, todo = todo[enough], todo[~enough]
         before = torch.cumsum(values, dim=-1) - values  # mass of the tokens ranked above each one
         kept = values.masked_fill((before >= nucleus[:, None]) & (before > 0), 0.0)  # the first always stays
-        picked[rows] = _draw(kept, indices, draws)
+        picked[rows] = _draw(kept, indices, uniforms[rows])
     return picked
 
 
