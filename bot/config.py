@@ -135,6 +135,9 @@ class Settings(BaseSettings):
     max_context: int = 8192  # caps every model's context (KV cache) whatever the model or profile declares
     # replies a local Transformers model decodes at once (continuous batching); the terminal chat uses 1
     max_batch: int = Field(8, ge=1, le=64)
+    # tokens of finished replies kept (their KV) for prompts that start the same way: a chat's next turn, the
+    # system prompt; at most a quarter of the KV cache budget; 0: none
+    prefix_cache_tokens: int = Field(4096, ge=0)
     # QUANTBOT_CPU_KERNELS=off: torch's int4 kernel and the 16-bit head instead of ours (a fallback, comparisons)
     cpu_kernels: Literal["on", "off"] = Field(
         "on", validation_alias=AliasChoices("quantbot_cpu_kernels", "cpu_kernels"))

@@ -146,7 +146,9 @@ def percentile(values: list[float], q: float) -> float:
 
 
 async def ask_at_once(service: object, engine: RecordingEngine, questions: list[str], run: int) -> Scenario:
-    """Every chat sends its question at the same moment; waits for all replies."""
+    """Every chat sends its question at the same moment; waits for all replies. Each question starts with the
+    try's number: the engine's prefix cache then finds the system prompt in earlier tries' replies, as it would
+    for new people asking, and not a whole earlier prompt (which a repeated benchmark question would be)."""
     from bot.core.service import ChatService
 
     assert isinstance(service, ChatService)
@@ -154,7 +156,8 @@ async def ask_at_once(service: object, engine: RecordingEngine, questions: list[
     start = time.perf_counter()
     sinks = [TimingSink(start) for _ in questions]
     with PeakMemory() as memory:
-        await asyncio.gather(*(service.handle(IncomingMessage("bench", f"r{run}-c{i}", f"r{run}-u{i}", "Bench", q), s)
+        await asyncio.gather(*(service.handle(IncomingMessage("bench", f"r{run}-c{i}", f"r{run}-u{i}", "Bench",
+                                                              f"#{run}: {q}"), s)
                                for i, (q, s) in enumerate(zip(questions, sinks))))
     wall = time.perf_counter() - start
     runs = engine.runs[before:]
@@ -195,15 +198,17 @@ async def join_while_decoding(service: object, engine: RecordingEngine, running:
     with PeakMemory() as memory:
         for rep in range(JOINER_REPEATS):
             sinks = [TimingSink(time.perf_counter()) for _ in range(running)]
+            tag = f"#{run}-{rep}: "  # (see ask_at_once)
             tasks = [asyncio.create_task(service.handle(
-                IncomingMessage("bench", f"j{run}-{rep}-c{i}", f"j{run}-{rep}-u{i}", "Bench", QUESTIONS[i]), sink))
+                IncomingMessage("bench", f"j{run}-{rep}-c{i}", f"j{run}-{rep}-u{i}", "Bench", tag + QUESTIONS[i]),
+                sink))
                 for i, sink in enumerate(sinks)]
             while any(s.first_text_s is None and s.done_s is None for s in sinks):
                 await asyncio.sleep(0.005)
             others.append(sum(s.done_s is None for s in sinks))
             joiner = TimingSink(time.perf_counter())
             await service.handle(IncomingMessage("bench", f"j{run}-{rep}-join", f"j{run}-{rep}-ujoin", "Bench",
-                                                 QUESTIONS[running % len(QUESTIONS)]), joiner)
+                                                 tag + QUESTIONS[running % len(QUESTIONS)]), joiner)
             await asyncio.gather(*tasks)
             if joiner.first_text_s is not None:
                 firsts.append(joiner.first_text_s)

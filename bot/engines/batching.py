@@ -6,12 +6,14 @@ ends leaves at once and its slot is reused. The loop runs on the engine thread (
 as numbered steps:
 
 1. admit   - pending replies join while the batch has a free row and the KV cache budget allows
-2. prefill - the joiners' prompts in one left-padded forward, their first tokens out at once; their cache joins
+2. prefill - the joiners' prompts in one left-padded forward, after whatever start of each the prefix cache
+             (:mod:`bot.engines.prefix_cache`) holds; their first tokens out at once; their cache joins
 3. decode  - one forward for all rows: left-padded cache, a padding mask, each row's own positions
 4. sample  - all rows at once, each with its own settings: repetition penalty over its own tokens, greedy or
              temperature/top-p drawn from its own seeded generator
 5. emit    - the new tokens go to each reply's consumer (one host sync for the whole batch)
-6. retire  - rows that hit an end-of-turn token, their budget or /stop leave; padding no row needs is cut
+6. retire  - rows that hit an end-of-turn token, their budget or /stop leave (the prefix cache keeps their
+             prompt and reply for the chat's next turn); padding no row needs is cut
 
 The cache (:mod:`bot.engines.kv_cache`) holds rows of one length: a shorter row is padded on the left and masked,
 so a batched greedy reply equals the same reply decoded alone (up to float rounding of near ties); each step
@@ -32,7 +34,8 @@ from torch.nn import functional
 
 from bot.engines.base import CancelToken, GenerationParams
 from bot.engines.engine_thread import EngineThread
-from bot.engines.kv_cache import BatchCache
+from bot.engines.kv_cache import BatchCache, Past
+from bot.engines.prefix_cache import PrefixCache
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +52,9 @@ TOP_P_CANDIDATES = (256, 4096)
 class BatchModel(Protocol):
     """The two forwards the scheduler needs from a model."""
 
-    def prefill(self, prompts: list[list[int]]) -> tuple[torch.Tensor, BatchCache]:
-        """Logits [rows, vocab] of each prompt's last token, and a fresh cache holding the prompts."""
+    def prefill(self, prompts: list[list[int]], past: Past | None = None) -> tuple[torch.Tensor, BatchCache]:
+        """Logits [rows, vocab] of each prompt's last token, and a fresh cache holding the prompts (after `past`,
+        the rows' kept starts, when given)."""
 
     def decode(self, tokens: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor,
                cache: BatchCache) -> torch.Tensor:
@@ -97,7 +101,7 @@ class Row:
 
     request: Request
     generator: torch.Generator | None
-    produced: int = 0
+    tokens: list[int] = field(default_factory=list)  # the reply's tokens so far
 
     @property
     def length(self) -> int:
@@ -109,12 +113,14 @@ class BatchScheduler:
     """Owns the batch of one loaded model; :meth:`submit` from any thread, the loop runs on `thread`."""
 
     def __init__(self, model: BatchModel, thread: EngineThread, end_ids: frozenset[int], special_ids: frozenset[int],
-                 device: torch.device, max_batch: int, kv_budget_tokens: int | None) -> None:
+                 device: torch.device, max_batch: int, kv_budget_tokens: int | None,
+                 prefix_cache: PrefixCache | None = None) -> None:
         self.model, self.thread = model, thread
         self.end_ids, self.special_ids = end_ids, special_ids
         self.device = device
         self.max_batch = max(1, max_batch)
         self.kv_budget_tokens = kv_budget_tokens  # rows x padded length the cache may hold; None: unbounded
+        self.prefix_cache = prefix_cache  # rows that left, for prompts that start the same way; None: none kept
         self.batch: Batch | None = None  # the rows decoding; None when none is
         self._ended: list[tuple[Request, str]] = []  # replies that ended this step, told once their rows left
         self._pending: list[Request] = []
@@ -229,7 +235,16 @@ class BatchScheduler:
         """2. prefill: the prompts in one forward (left-padded), each first token sampled and emitted; the rows
         still going, as a batch to join (None when every one ended at its first token)."""
         rows = [self._new_row(request) for request in requests]
-        logits, cache = self.model.prefill([request.ids for request in requests])
+        # A seeded reply is prefilled whole: kept rows were computed in other shapes (decode steps, other batches),
+        # whose float rounding would move its draws, and a seed promises the same reply to the same prompt.
+        found = [self.prefix_cache.longest(request.ids) if self.prefix_cache and request.params.seed is None
+                 else None for request in requests]
+        shared = [hit[1] if hit else 0 for hit in found]  # leading tokens a kept row already holds
+        past = None
+        if any(shared):
+            past = Past.right_aligned([[(k[:, :n], v[:, :n]) for k, v in hit[0].layers] if hit else None
+                                       for hit, n in zip(found, shared, strict=True)])
+        logits, cache = self.model.prefill([r.ids[n:] for r, n in zip(requests, shared, strict=True)], past)
         # The repetition penalty looks at the text so far without the chat template's special tokens, which every
         # prompt repeats; penalizing <|im_end|> would keep the model from ending its turn.
         vocab = logits.shape[-1]
@@ -283,7 +298,7 @@ class BatchScheduler:
             self._ended = []
             for row in rows:
                 row.request.out.put(Failed(exc))
-            self._retire(list(range(len(rows))))
+            self._retire(list(range(len(rows))), keep_kv=False)
             return
         cache.advance()
         batch.last = picked
@@ -331,8 +346,8 @@ class BatchScheduler:
                 self._ended.append((request, "stop"))
                 continue
             request.out.put(token)
-            row.produced += 1
-            if row.produced >= request.max_new:
+            row.tokens.append(token)
+            if len(row.tokens) >= request.max_new:
                 self._ended.append((request, "length"))
             elif request.cancel.cancelled:
                 self._ended.append((request, "cancelled"))
@@ -340,10 +355,14 @@ class BatchScheduler:
                 going.append(i)
         return going, ids
 
-    def _retire(self, indices: list[int]) -> None:
-        """6. retire: drop these rows from the batch, then the leading columns only padding fills; then tell
-        the replies that ended."""
+    def _retire(self, indices: list[int], keep_kv: bool = True) -> None:
+        """6. retire: drop these rows from the batch (the prefix cache keeps their prompts and replies), then the
+        leading columns only padding fills; then tell the replies that ended."""
         gone = set(indices)
+        if self.batch is not None and gone and keep_kv and self.prefix_cache is not None:
+            for i in sorted(gone):
+                row, layers = self.batch.rows[i], self.batch.cache.row(i)
+                self.prefix_cache.keep((row.request.ids + row.tokens)[:layers[0][0].shape[1]], layers)
         if self.batch is not None and gone:
             keep = [i for i in range(len(self.batch.rows)) if i not in gone]
             if keep:

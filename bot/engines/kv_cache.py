@@ -10,6 +10,7 @@ than it needs. The same code runs on CPU and CUDA.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -78,6 +79,13 @@ class BatchCache(Cache):
     def rows(self) -> int:
         return self.mask.shape[0]
 
+    def row(self, index: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Row `index`'s keys and values, per layer [kv_heads, tokens, head_dim], its real tokens in order (a copy:
+        it outlives the batch's buffers)."""
+        columns = self.mask[index, :self.width].nonzero().squeeze(1)
+        return [(layer.keys[index].index_select(1, columns), layer.values[index].index_select(1, columns))
+                for layer in self.layers]
+
     @property
     def capacity(self) -> int:
         return self.mask.shape[1]
@@ -138,6 +146,37 @@ class BatchCache(Cache):
         self.column.fill_(width)
         for layer, (keys, values) in zip(self.layers, layers, strict=True):
             layer.keys, layer.values = _dense(keys), _dense(values)
+
+
+@dataclass(frozen=True)
+class Past:
+    """Keys and values a prefill starts from: per layer [rows, kv_heads, width, head_dim], each row's right-aligned
+    after its padding as `mask` [rows, width] says (a row may have none)."""
+
+    layers: list[tuple[torch.Tensor, torch.Tensor]]
+    mask: torch.Tensor
+
+    @classmethod
+    def right_aligned(cls, starts: list[list[tuple[torch.Tensor, torch.Tensor]] | None]) -> Past:
+        """One batch of rows' starts (per layer [kv_heads, tokens, head_dim]; None: the row starts empty); at
+        least one row has a start."""
+        present = [start for start in starts if start]
+        width = max(start[0][0].shape[1] for start in present)
+        sample = present[0]
+        mask = torch.zeros(len(starts), width, dtype=torch.bool, device=sample[0][0].device)
+        for i, start in enumerate(starts):
+            if start:
+                mask[i, width - start[0][0].shape[1]:] = True
+        layers = []
+        for layer, (keys, values) in enumerate(sample):
+            padded = [keys.new_zeros(len(starts), keys.shape[0], width, keys.shape[2]),
+                      values.new_zeros(len(starts), values.shape[0], width, values.shape[2])]
+            for i, start in enumerate(starts):
+                if start:
+                    for buffer, part in zip(padded, start[layer], strict=True):
+                        buffer[i, :, width - part.shape[1]:] = part
+            layers.append((padded[0], padded[1]))
+        return cls(layers, mask)
 
 
 def _dense(tensor: torch.Tensor) -> torch.Tensor:

@@ -369,11 +369,15 @@ class TransformersEngine(Engine):
 
     def _new_scheduler(self) -> BatchScheduler:
         from bot.engines.batching import BatchScheduler, kv_budget_tokens
+        from bot.engines.prefix_cache import PrefixCache
 
         model = self.model
+        budget = kv_budget_tokens(model.config, model.dtype, model.device)
+        kept = PrefixCache(min(self.settings.prefix_cache_tokens, budget // 4)) if self.settings.prefix_cache_tokens \
+            else None
         return BatchScheduler(
             _Forwards(self), self.thread, frozenset(self._eos_ids), self._special_ids, model.device, self.max_batch,
-            kv_budget_tokens(model.config, model.dtype, model.device))
+            budget, kept)
 
     def _compile_decode_step(self) -> Callable[..., Any]:
         """The one-token forward, compiled when TORCH_COMPILE asks (auto: on CPU, where per-token Python overhead
@@ -501,8 +505,9 @@ class _Forwards:
     def __init__(self, engine: TransformersEngine) -> None:
         self.engine = engine
 
-    def prefill(self, prompts: list[list[int]]) -> tuple[Any, Any]:
-        """The prompts left-padded into one eager forward (each row's positions count its own tokens only)."""
+    def prefill(self, prompts: list[list[int]], past: Any = None) -> tuple[Any, Any]:
+        """The prompts left-padded into one eager forward (each row's positions count its own tokens only), after
+        `past` (:class:`bot.engines.kv_cache.Past`: the rows' kept starts) when given."""
         import torch
         from transformers import DynamicCache
 
@@ -513,9 +518,14 @@ class _Forwards:
         ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts], device=model.device)
         mask = torch.tensor([[False] * (width - len(p)) + [True] * len(p) for p in prompts], device=model.device)
         cache = DynamicCache(config=model.config)
+        if past is not None:
+            for layer, (keys, values) in enumerate(past.layers):
+                cache.update(keys, values, layer)
+            mask = torch.cat([past.mask, mask], dim=1)
         padded: dict[str, Any] = {}
-        if any(len(p) < width for p in prompts):
-            padded = {"attention_mask": mask.long(), "position_ids": (mask.long().cumsum(-1) - 1).clamp(min=0)}
+        if past is not None or not bool(mask.all()):
+            padded = {"attention_mask": mask.long(),
+                      "position_ids": (mask.long().cumsum(-1) - 1).clamp(min=0)[:, -width:]}
         logits = model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1, **padded).logits
         return logits[:, -1, :], BatchCache.from_prompt(cache, mask)
 
