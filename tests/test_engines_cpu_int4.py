@@ -16,7 +16,7 @@ from bot.engines.cpu.int4 import (
     by_tile,
     choose_dense_rows,
     nibble_pack,
-    q8_runs_here,
+    q8_int4_runs_here,
     streamline,
     tile_pack,
 )
@@ -75,9 +75,9 @@ def test_repacked_layers_compute_what_gptqmodel_computes(act_order: bool) -> Non
 
 
 def close(got: torch.Tensor, want: torch.Tensor) -> bool:
-    """Equal but for bf16 rounding, and where the activations are rounded to int8 (VNNI), within 1% of the peak
+    """Equal but for bf16 rounding, and where the activations are rounded to int8 (q8 kernel), within 1% of the peak
     (the 8-bit-activation kernel's own arithmetic is checked exactly below)."""
-    atol = 0.01 * float(want.abs().max()) if q8_runs_here() else 1e-3
+    atol = 0.01 * float(want.abs().max()) if q8_int4_runs_here() else 1e-3
     return torch.allclose(got, want, rtol=0.02, atol=atol)
 
 
@@ -114,13 +114,13 @@ def q8_activations(x: torch.Tensor) -> torch.Tensor:
     return (codes * (peak / 127)).reshape(x.shape)
 
 
-@pytest.mark.skipif(not q8_runs_here(), reason="the 8-bit-activation kernel needs AVX512-VNNI")
+@pytest.mark.skipif(not q8_int4_runs_here(), reason="the 8-bit-activation kernel needs AVX512-VNNI or AVX2")
 @pytest.mark.parametrize("group_size", [32, 64, 128])
-@pytest.mark.parametrize("rows", [1, 8, 13])
-def test_vnni_kernel_computes_the_dequantized_matmul_on_8_bit_activations(group_size: int, rows: int) -> None:
+@pytest.mark.parametrize("rows", [1, 3, 8, 13])
+def test_q8_kernel_computes_the_dequantized_matmul_on_8_bit_activations(group_size: int, rows: int) -> None:
     """quantbot::int4_linear_q8 equals (each row rounded to int8 per 32 inputs) @ (code * scale + offset)^T, for one
-    row, a full pass of 8 and more (8 + 5); a row's output does not depend on the batch it is in (so a reply
-    decoded in a batch computes what it would alone)."""
+    row, a pass of fewer than 4, a full pass of 8 (VNNI; two of 4 on AVX2) and more (8 + 5); a row's output does
+    not depend on the batch it is in (so a reply decoded in a batch computes what it would alone)."""
     ops = native.kernels()
     assert ops is not None
     torch.manual_seed(group_size + rows)
@@ -320,8 +320,8 @@ def test_real_builds_hold_packed_4bit_layers_and_answer_as_before(kind: str) -> 
     for m in packed:
         assert isinstance(m, NativeInt4Linear)
         assert m.qweight.dtype == torch.uint8 and m.qweight.numel() * 2 == m.in_features * m.out_features
-    # Our kernel sums in float32 where torch's rounds more (and, with VNNI, rounds the activations to int8 per 32
-    # inputs): only near-ties may change their pick. Measured with VNNI: GPTQ 4 of 37 (margins <= 1% of the peak
+    # Our kernel sums in float32 where torch's rounds more (and, on the q8 kernel, rounds the activations to int8 per
+    # 32 inputs): only near-ties may change their pick. Measured with VNNI: GPTQ 4 of 37 (margins <= 1% of the peak
     # logit), AWQ none.
     flips = before.argmax(-1) != after.argmax(-1)
     margin = before.amax(-1) - before.gather(-1, after.argmax(-1, keepdim=True)).squeeze(-1)
@@ -329,10 +329,10 @@ def test_real_builds_hold_packed_4bit_layers_and_answer_as_before(kind: str) -> 
     # Both paths compute the same 4-bit W, so both differ from exact float32 math on these weights by the rounding
     # of their activations (bf16: here ~4% RMS of the logits, single logits by up to ~2); ours must stay within that
     # noise of torch's distance, whatever the build: a wrong scale, offset or code order in one layer breaks it.
-    # Activations rounded to int8 per 32 inputs (VNNI) are noisier: GPTQ measured 1.8x torch's distance, for a
+    # Activations rounded to int8 per 32 inputs (q8 kernel) are noisier: GPTQ measured 1.8x torch's distance, for a
     # held-out perplexity 0.2-0.3% higher than on torch's kernel (`models eval`: GPTQ 1.091 -> 1.093, AWQ 1.087 ->
     # 1.090 of the unquantized model's).
-    limit = 2.5 if q8_runs_here() else 1.5
+    limit = 2.5 if q8_int4_runs_here() else 1.5
     with torch.inference_mode():
         exact = float32_twin(model)(input_ids=ids).logits.float()
     ours, torchs = rms(after - exact), rms(before - exact)

@@ -141,11 +141,11 @@ def test_plain_linear_layers_are_not_kernels() -> None:
 @pytest.mark.parametrize(("native", "label"), [(True, "our int4 kernel"), (False, "torch's int4 kernel")])
 def test_gptqmodel_cpu_layers_after_repacking_are_reported_by_what_they_became(native: bool, label: str) -> None:
     """The real repacking (GPTQModel's CPU layers -> ours or torch's; q/k/v fused into one matmul)."""
-    from bot.engines.cpu.int4 import q8_runs_here, streamline
+    from bot.engines.cpu.int4 import q8_int4_runs_here, streamline
     from tests.test_engines_cpu_int4 import Attention
 
-    if native and q8_runs_here():
-        label = "our int4 kernel with 8-bit activations (VNNI)"
+    if native and q8_int4_runs_here():
+        label = "our int4 kernel with 8-bit activations"
 
     attn = Attention(act_order=False)
     before = inspect_modules("m", GPTQ4, attn.modules(), LoadFacts(device="cpu", compiled=True))
@@ -378,7 +378,7 @@ def test_the_real_gptq_build_reports_the_kernel_that_won() -> None:
         model = engine.model
         from bot.engines.cpu.int4 import Q8Int4Linear
 
-        ours = ("our int4 kernel with 8-bit activations (VNNI)"
+        ours = ("our int4 kernel with 8-bit activations"
                 if any(isinstance(m, Q8Int4Linear) for m in model.modules()) else "our int4 kernel")
         int4 = ours if model.quantbot_int4_race["ours_faster"] else "torch's int4 kernel (faster than ours here)"
         race = getattr(model, "quantbot_head_race", {})

@@ -52,7 +52,7 @@ class Kernel:
 # Our own layers (bot/engines/cpu/int4.py, int8_head.py), by exact class name.
 OUR_CPU_LAYERS: dict[str, Kernel] = {
     "NativeInt4Linear": Kernel("our int4 kernel", "fast"),
-    "Q8Int4Linear": Kernel("our int4 kernel with 8-bit activations (VNNI)", "fast"),
+    "Q8Int4Linear": Kernel("our int4 kernel with 8-bit activations", "fast"),
     "PackedInt4Linear": Kernel("torch's int4 kernel", "acceptable", TORCH_INT4_COST),
 }
 HEAD_CLASSES = ("Int8Linear", "Q8Int8Linear")  # our 8-bit output head, fp32 or 8-bit activations

@@ -8,14 +8,15 @@ small model makes about two hundred such calls, so the per-call extras are a vis
 :func:`streamline` repacks every such layer up front, swaps in :class:`PackedInt4Linear` (one kernel call,
 a gather only where ``g_idx`` really permutes), and lets siblings that read the same input (q/k/v, gate/up)
 run as one wider matmul. Where our own kernels build (:mod:`bot.engines.cpu.native`), the packed layers then race
-ours at load: :class:`Q8Int4Linear` where the CPU has AVX512-VNNI (8-bit activations, int32 dot products),
-:class:`NativeInt4Linear` elsewhere (fp32; on AVX2 it runs one-token matmuls 1.3-1.5x faster than torch's).
+:class:`Q8Int4Linear` at load where the CPU has AVX512-VNNI or AVX2 (8-bit activations, integer dot products),
+:class:`NativeInt4Linear` elsewhere (fp32).
 Each swap is checked against the original layer's output on a random input; a layer that does not match, or a
 GPTQModel version whose internals differ, is left as it was.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Any
 
@@ -62,7 +63,7 @@ class PackedInt4Linear(nn.Module):
 
         ops = kernels()
         assert ops is not None
-        return ops.int4pack_weight(self.qweight, self.scales_and_zeros, self.group_size)
+        return ops.int4pack_weight(self.qweight, self.scales_and_zeros, self.group_size, torch_int4_block())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape[:-1] + (self.out_features,)
@@ -111,12 +112,13 @@ class NativeInt4Linear(nn.Module):
 
 
 class Q8Int4Linear(NativeInt4Linear):
-    """The same W through ``quantbot::int4_linear_q8`` (AVX512-VNNI): each row of x is quantized to int8 with a
-    scale per 32 inputs, as llama.cpp does, and multiplied in int32 four times as densely as in fp32; codes in
+    """The same W through ``quantbot::int4_linear_q8`` (AVX512-VNNI, or AVX2): each row of x is quantized to int8
+    with a scale per 32 inputs, as llama.cpp does, and multiplied in integers denser than in fp32; codes in
     tiles of 16 outputs. Its per-group terms are torch's own, bf16 scales and zeros ``[N / 16, groups, 16]`` with
     W = (code - 8) * scale + zero, so both kernels hold the same W to the bit in as many bytes (an offset rounded to
     bf16 moved outputs by up to 3% of their peak on the real builds) (``native/q8_linear.cpp``). 8 rows measured
-    ~2x faster than torch's int4 kernel on a 2-core Zen 4, and one row a little faster."""
+    ~2x faster than torch's int4 kernel on a 2-core Zen 4, and one row a little faster; on an AVX2-only EPYC, 8 rows
+    ~2.3x faster than torch's and our fp32 kernel, one row 1.4-1.9x faster than the fp32 one."""
 
     GROUP_TERM = "zeros"
     EIGHT_BIT_ACTIVATIONS = True  # what it multiplies is x rounded to int8 (see rounded_like)
@@ -139,10 +141,26 @@ class Q8Int4Linear(NativeInt4Linear):
 OUR_INT4_LAYERS = (NativeInt4Linear, Q8Int4Linear)
 
 
+@functools.cache
+def torch_int4_block() -> int:
+    """How many outputs torch's CPU int4 packing puts in one block (64 with AVX-512, 32 with AVX2), read from the
+    packing of a probe weight whose codes count up every 16 outputs: byte 0 holds output 0 and output block / 2."""
+    codes = (torch.arange(128, dtype=torch.int32) // 16).unsqueeze(1).expand(128, 64).contiguous()
+    first = int(torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1).flatten()[0])
+    return 32 * (first >> 4)
+
+
 def q8_runs_here() -> bool:
-    """Whether this CPU has AVX512-VNNI, which the 8-bit-activation kernels need."""
+    """Whether this CPU has AVX512-VNNI, which the 8-bit-activation head needs (its codes overflow AVX2's)."""
     probe = getattr(torch.cpu, "_is_vnni_supported", None)
     return bool(probe and probe())
+
+
+def q8_int4_runs_here() -> bool:
+    """Whether the 8-bit-activation int4 kernel runs here: AVX512-VNNI, or AVX2 (VPMADDUBSW, as llama.cpp)."""
+    from bot.engines.cpu.native import cpu_capability
+
+    return q8_runs_here() or cpu_capability()[1]
 
 
 def tile_pack(codes: torch.Tensor) -> torch.Tensor:
@@ -232,12 +250,12 @@ def race(ours: nn.Module, theirs: nn.Module, rows: tuple[int, ...], dtype: torch
 
 def _on_native_kernel(packed: PackedInt4Linear, dtype: torch.dtype, native: bool = True) -> nn.Module:
     """`packed` moved to our kernel where it builds and agrees with torch's (and `native` allows it): the
-    8-bit-activation one where the CPU has VNNI, the fp32 one otherwise; `packed` itself if neither serves."""
+    8-bit-activation one where the CPU has VNNI or AVX2, the fp32 one otherwise; `packed` itself if neither serves."""
     from bot.engines.cpu.native import kernels
 
     if not native or kernels() is None:
         return packed
-    for twin_of in (_q8, _native) if q8_runs_here() else (_native,):
+    for twin_of in (_q8, _native) if q8_int4_runs_here() else (_native,):
         try:
             twin = twin_of(packed)
             if _matches(twin, packed, dtype):

@@ -1,8 +1,8 @@
 """Our own CPU kernels (``torch.ops.quantbot``: ``int4_linear``, ``int8_linear``, and ``int4pack_weight`` for long
 prompts of layers on torch's int4 kernel, in lowbit_linear.cpp; ``int4_linear_q8`` and ``int8_linear_q8``, 8-bit
-activations through AVX512-VNNI, in q8_linear.cpp; ``decode_attention`` for batched decode steps, AVX-512),
-compiled on first use with torch's C++ extension builder and cached by torch (``$TORCH_EXTENSIONS_DIR``,
-default ``~/.cache/torch_extensions``).
+activations through AVX512-VNNI (int4 also through AVX2), in q8_linear.cpp; ``decode_attention`` for batched decode
+steps, AVX-512), compiled on first use with torch's C++ extension builder and cached by torch
+(``$TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``).
 
 A machine without a C++ compiler, or one where the build fails, keeps torch's kernels: :func:`kernels` then
 returns None and :func:`build_error` says why (the engine's kernel report turns that into one load warning).

@@ -215,14 +215,18 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& qweight, const at:
 // quantbot::int4pack_weight: the bf16 weight, transposed to [K, N], of a layer packed for torch's
 // _weight_int4pack_mm_for_cpu (qweight uint8 [N, K / 2], scales_and_zeros bf16 [K / group, N, 2]). A long prompt
 // runs faster as this plus one bf16 matmul than through torch's int4 kernel, which unpacks the weight again for
-// every four rows (measured 5.7 against 0.9 ms for 245 rows of a 576 x 3072 layer). torch packs 64 outputs a
-// block: byte k * 32 + i of block b holds output 64b + i of input k (low nibble) and output 64b + 32 + i (high);
+// every four rows (measured 5.7 against 0.9 ms for 245 rows of a 576 x 3072 layer). torch packs `block` outputs a
+// block, 64 with AVX-512 and 32 with AVX2 (the caller finds out which from torch's own packing): byte k * block / 2
+// + i of block b holds output block * b + i of input k (low nibble) and output block * b + block / 2 + i (high);
 // W = (code - 8) * scale + zero. The caller checks this layout against torch's kernel (cpu/int4.py).
-at::Tensor int4pack_weight(const at::Tensor& qweight, const at::Tensor& scales_and_zeros, int64_t group_size) {
+at::Tensor int4pack_weight(const at::Tensor& qweight, const at::Tensor& scales_and_zeros, int64_t group_size,
+                           int64_t block) {
   TORCH_CHECK(qweight.device().is_cpu() && qweight.scalar_type() == at::kByte && qweight.dim() == 2 &&
               qweight.is_contiguous(), "qweight must be contiguous uint8 [N, K / 2] on the CPU");
-  const int64_t N = qweight.size(0), K = qweight.size(1) * 2;
-  TORCH_CHECK(N % 64 == 0 && group_size > 0 && K % group_size == 0, "N must be a multiple of 64, K of the group");
+  const int64_t N = qweight.size(0), K = qweight.size(1) * 2, half = block / 2;
+  TORCH_CHECK(block == 32 || block == 64, "torch packs blocks of 32 or 64 outputs");
+  TORCH_CHECK(N % block == 0 && group_size > 0 && K % group_size == 0, "N must be a multiple of the block, K of the "
+              "group");
   TORCH_CHECK(scales_and_zeros.scalar_type() == at::kBFloat16 && scales_and_zeros.is_contiguous() &&
               scales_and_zeros.sizes() == at::IntArrayRef({K / group_size, N, 2}),
               "scales_and_zeros must be contiguous bfloat16 [K / group_size, N, 2]");
@@ -242,13 +246,13 @@ at::Tensor int4pack_weight(const at::Tensor& qweight, const at::Tensor& scales_a
         }
       }
       at::BFloat16* row = out + k * N;
-      for (int64_t b = 0; b < N / 64; ++b) {
-        const uint8_t* src = q + b * 32 * K + k * 32;
-        const float *s = scale.data() + b * 64, *o = offset.data() + b * 64;
-        at::BFloat16* dst = row + b * 64;
-        for (int i = 0; i < 32; ++i) {
+      for (int64_t b = 0; b < N / block; ++b) {
+        const uint8_t* src = q + b * half * K + k * half;
+        const float *s = scale.data() + b * block, *o = offset.data() + b * block;
+        at::BFloat16* dst = row + b * block;
+        for (int64_t i = 0; i < half; ++i) {
           dst[i] = static_cast<at::BFloat16>(static_cast<float>(src[i] & 15) * s[i] + o[i]);
-          dst[i + 32] = static_cast<at::BFloat16>(static_cast<float>(src[i] >> 4) * s[i + 32] + o[i + 32]);
+          dst[i + half] = static_cast<at::BFloat16>(static_cast<float>(src[i] >> 4) * s[i + half] + o[i + half]);
         }
       }
     }
@@ -261,7 +265,7 @@ at::Tensor int4pack_weight(const at::Tensor& qweight, const at::Tensor& scales_a
 TORCH_LIBRARY(quantbot, m) {
   m.def("int4_linear(Tensor x, Tensor qweight, Tensor scales, Tensor offsets, int group_size) -> Tensor");
   m.def("int8_linear(Tensor x, Tensor qweight, Tensor scales) -> Tensor");
-  m.def("int4pack_weight(Tensor qweight, Tensor scales_and_zeros, int group_size) -> Tensor");
+  m.def("int4pack_weight(Tensor qweight, Tensor scales_and_zeros, int group_size, int block) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(quantbot, CPU, m) {

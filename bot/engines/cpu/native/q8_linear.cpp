@@ -1,4 +1,5 @@
-// Low-bit weights times 8-bit activations through AVX512-VNNI, for batches of decode rows.
+// Low-bit weights times 8-bit activations through AVX512-VNNI (or, for int4 weights, AVX2), for batches of decode
+// rows.
 //
 // torch's int4 kernel, and our fp32 one, widen every weight code to float and multiply in fp32: at 8 rows a decode
 // step is compute-bound (8 rows cost ~2.5x one row on a 2-core Zen 4). Here, as llama.cpp does for its Q4/Q8
@@ -16,6 +17,12 @@
 //     output 16 * t + l, input 4 * c + j. scales float32 [N / 16, K / 32, 16]: W[n, k] = code * scale.
 // An activation code times an unsigned weight code: the +128 of the int8 weights comes back out as 128 times the
 // row's sum of codes per block, a per-row number, so nothing per weight is stored twice.
+//
+// Without VNNI, on AVX2, the int4 kernel does what llama.cpp's AVX2 Q4 x Q8 dot product does: VPMADDUBSW multiplies
+// 32 weight codes by 32 activation codes and adds neighbours into 16-bit sums (at most 2 * 15 * 127 each, so a block
+// of 32 inputs sums to at most 30,480 in 16 bits), and one VPMADDWD per block widens them to int32. A tile is done
+// as two halves of 8 outputs (a 256-bit register), 4 rows a pass (16 registers). The int8 head stays on VNNI: its
+// unsigned codes reach 255, and VPMADDUBSW would saturate.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
@@ -28,6 +35,7 @@
 #if defined(__x86_64__)
 #include <immintrin.h>
 #define QB_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
+#define QB_AVX2 __attribute__((target("avx2,fma")))
 #endif
 
 namespace {
@@ -35,6 +43,7 @@ namespace {
 constexpr int64_t TILE = 16;       // outputs per register
 constexpr int64_t QBLOCK = 32;     // activation inputs per scale (Q8_0)
 constexpr int MAX_ROWS = 8;        // rows one pass keeps in registers
+constexpr int AVX2_MAX_ROWS = 4;   // the same with 16 registers
 constexpr int64_t TILES_PER_TASK = 4;
 
 bool vnni_here() {
@@ -42,6 +51,15 @@ bool vnni_here() {
   __builtin_cpu_init();
   return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
+#else
+  return false;
+#endif
+}
+
+bool avx2_here() {
+#if defined(__x86_64__)
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
 #else
   return false;
 #endif
@@ -164,12 +182,96 @@ QB_TARGET void int8_tile(const uint8_t* qt, const float* st, const Quantized& x,
   for (int r = 0; r < R; ++r) store16(y + (m0 + r) * N + n0, out[r]);
 }
 
+// --- AVX2 (no VNNI): int4 weights only ---
+
+// quantize() without AVX-512: the same codes (round to nearest even, as _mm512_cvtps_epi32 does) and sums.
+template <typename T>
+QB_AVX2 Quantized quantize_avx2(const T* x, int64_t M, int64_t K, int64_t group_size) {
+  const int64_t per_group = group_size / QBLOCK;
+  Quantized q{std::vector<int8_t>(M * K), std::vector<float>(M * K / QBLOCK), std::vector<float>(M * K / group_size)};
+  for (int64_t b = 0; b < M * K / QBLOCK; ++b) {
+    float v[QBLOCK], peak = 0.f;
+    for (int64_t i = 0; i < QBLOCK; ++i) {
+      v[i] = static_cast<float>(x[b * QBLOCK + i]);
+      peak = std::max(peak, std::fabs(v[i]));
+    }
+    const float inverse = peak > 127.f / FLT_MAX ? 127.f / peak : 0.f;
+    int32_t total = 0;
+    for (int64_t i = 0; i < QBLOCK; ++i) {
+      const int32_t c = static_cast<int32_t>(std::max(-128.f, std::min(127.f, std::nearbyint(v[i] * inverse))));
+      q.codes[b * QBLOCK + i] = static_cast<int8_t>(c);
+      total += c;
+    }
+    q.scale[b] = peak / 127.f;
+    q.sum[b / per_group] += q.scale[b] * static_cast<float>(total);
+  }
+  return q;
+}
+
+QB_AVX2 inline __m256 load_bf16_8(const at::BFloat16* p) {
+  const __m128i half = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(half), 16));
+}
+
+template <typename Out>
+QB_AVX2 inline void store8(Out* p, __m256 v) {
+  alignas(32) float f[8];
+  _mm256_store_ps(f, v);
+  for (int i = 0; i < 8; ++i) p[i] = static_cast<Out>(f[i]);  // bf16: rounded to nearest even, as torch rounds
+}
+
+QB_AVX2 inline __m256i broadcast4_avx2(const int8_t* p) {
+  int32_t v;
+  __builtin_memcpy(&v, p, 4);
+  return _mm256_set1_epi32(v);
+}
+
+// R rows (from row m0) times one tile of int4 weights, 8 outputs (half h of the tile's 16) at a time.
+template <int R, typename Out>
+QB_AVX2 void int4_tile_avx2(const uint8_t* qt, const at::BFloat16* st, const at::BFloat16* zt, const Quantized& x,
+                            int64_t m0, int64_t K, int64_t group_size, Out* y, int64_t N, int64_t n0) {
+  const int64_t G = K / group_size, B = K / QBLOCK, per_group = group_size / QBLOCK;
+  const __m256i low = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+  const int8_t* codes = x.codes.data() + m0 * K;
+  const float *xscale = x.scale.data() + m0 * B, *xsum = x.sum.data() + m0 * G;
+  for (int h = 0; h < 2; ++h) {
+    __m256 out[R];
+    for (int r = 0; r < R; ++r) out[r] = _mm256_setzero_ps();
+    for (int64_t g = 0; g < G; ++g) {
+      __m256 gacc[R];
+      for (int64_t b = g * per_group; b < (g + 1) * per_group; ++b) {
+        __m256i sums[R];  // 16-bit sums of neighbouring products: 8 VPMADDUBSW a block stay below 2^15
+        for (int r = 0; r < R; ++r) sums[r] = _mm256_setzero_si256();
+        for (int c = 0; c < QBLOCK / 8; ++c) {
+          const int64_t k = b * QBLOCK + 8 * c;
+          const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qt + (k / 8) * 64 + 32 * h));
+          const __m256i lo = _mm256_and_si256(w, low), hi = _mm256_and_si256(_mm256_srli_epi16(w, 4), low);
+          for (int r = 0; r < R; ++r) {
+            sums[r] = _mm256_add_epi16(sums[r], _mm256_maddubs_epi16(lo, broadcast4_avx2(codes + r * K + k)));
+            sums[r] = _mm256_add_epi16(sums[r], _mm256_maddubs_epi16(hi, broadcast4_avx2(codes + r * K + k + 4)));
+          }
+        }
+        for (int r = 0; r < R; ++r) {
+          const __m256 part = _mm256_cvtepi32_ps(_mm256_madd_epi16(sums[r], ones));
+          const __m256 sx = _mm256_set1_ps(xscale[r * B + b]);
+          gacc[r] = b == g * per_group ? _mm256_mul_ps(part, sx) : _mm256_fmadd_ps(part, sx, gacc[r]);
+        }
+      }
+      const __m256 s = load_bf16_8(st + g * TILE + 8 * h);
+      const __m256 o = _mm256_fmadd_ps(s, _mm256_set1_ps(-8.f), load_bf16_8(zt + g * TILE + 8 * h));
+      for (int r = 0; r < R; ++r)
+        out[r] = _mm256_fmadd_ps(o, _mm256_set1_ps(xsum[r * G + g]), _mm256_fmadd_ps(gacc[r], s, out[r]));
+    }
+    for (int r = 0; r < R; ++r) store8(y + (m0 + r) * N + n0 + 8 * h, out[r]);
+  }
+}
+
 // Every tile for every row, eight rows at a time (a tile's weights stay in cache between the passes).
 template <typename Tile>
-void over_tiles(int64_t M, int64_t N, const Tile& tile) {
+void over_tiles(int64_t M, int64_t N, const Tile& tile, int64_t max_rows = MAX_ROWS) {
   at::parallel_for(0, N / TILE, TILES_PER_TASK, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t)
-      for (int64_t m = 0; m < M; m += MAX_ROWS) tile(t, m, std::min<int64_t>(MAX_ROWS, M - m));
+      for (int64_t m = 0; m < M; m += max_rows) tile(t, m, std::min<int64_t>(max_rows, M - m));
   });
 }
 
@@ -183,6 +285,14 @@ void over_tiles(int64_t M, int64_t N, const Tile& tile) {
     case 6: call(6); break;     \
     case 7: call(7); break;     \
     default: call(8); break;    \
+  }
+
+#define QB_DISPATCH4(rows, call) \
+  switch (rows) {                \
+    case 1: call(1); break;      \
+    case 2: call(2); break;      \
+    case 3: call(3); break;      \
+    default: call(4); break;     \
   }
 #endif
 
@@ -211,7 +321,8 @@ at::Tensor output_for(const at::Tensor& x, int64_t N) {
 
 at::Tensor int4_linear_q8(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
                           const at::Tensor& zeros, int64_t group_size) {
-  TORCH_CHECK(vnni_here(), "int4_linear_q8 needs AVX512-VNNI");
+  const bool vnni = vnni_here();
+  TORCH_CHECK(vnni || avx2_here(), "int4_linear_q8 needs AVX512-VNNI or AVX2");
   TORCH_CHECK(qweight.scalar_type() == at::kByte && qweight.dim() == 3 && qweight.size(2) == 64 &&
               qweight.is_contiguous(), "qweight must be contiguous uint8 [N / 16, K / 8, 64]");
   const int64_t N = qweight.size(0) * TILE, K = qweight.size(1) * 8;
@@ -228,13 +339,19 @@ at::Tensor int4_linear_q8(const at::Tensor& x, const at::Tensor& qweight, const 
   const uint8_t* qw = qweight.data_ptr<uint8_t>();
   const at::BFloat16 *sp = scales.data_ptr<at::BFloat16>(), *zp = zeros.data_ptr<at::BFloat16>();
   with_rows(x2, y, [&](const auto* xp, auto* yp) {
-    const Quantized q = quantize(xp, M, K, group_size);
-    over_tiles(M, N, [&](int64_t t, int64_t m, int64_t rows) {
 #define QB_INT4(R) \
   int4_tile<R>(qw + t * (K / 8) * 64, sp + t * G * TILE, zp + t * G * TILE, q, m, K, group_size, yp, N, t * TILE)
-      QB_DISPATCH(rows, QB_INT4)
+#define QB_INT4_AVX2(R) \
+  int4_tile_avx2<R>(qw + t * (K / 8) * 64, sp + t * G * TILE, zp + t * G * TILE, q, m, K, group_size, yp, N, t * TILE)
+    if (vnni) {
+      const Quantized q = quantize(xp, M, K, group_size);
+      over_tiles(M, N, [&](int64_t t, int64_t m, int64_t rows) { QB_DISPATCH(rows, QB_INT4) });
+    } else {
+      const Quantized q = quantize_avx2(xp, M, K, group_size);
+      over_tiles(M, N, [&](int64_t t, int64_t m, int64_t rows) { QB_DISPATCH4(rows, QB_INT4_AVX2) }, AVX2_MAX_ROWS);
+    }
 #undef QB_INT4
-    });
+#undef QB_INT4_AVX2
   });
 #endif
   return y;
