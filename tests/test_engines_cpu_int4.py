@@ -242,9 +242,11 @@ def test_an_unpacking_that_disagrees_with_torchs_kernel_is_not_used(monkeypatch:
     assert any("disagree" in r.getMessage() for r in caplog.records)
 
 
-@pytest.mark.parametrize("rows", [1, 3])  # one chat (multiply-and-sum loops) and a batch (matmuls)
+@pytest.mark.parametrize("rows", [1, 3])  # one chat (multiply-and-sum loops) and a batch (matmuls or loops)
+@pytest.mark.parametrize("bf16_matmuls", [False, True])  # a batch's path: loops without bf16 hardware, else matmuls
 @pytest.mark.parametrize("ours", [False, True])  # ... or our op, where the CPU has AVX-512
-def test_one_query_attention_matches_sdpa(rows: int, ours: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_one_query_attention_matches_sdpa(rows: int, bf16_matmuls: bool, ours: bool,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     from bot.engines.cpu import decode_attention as attention
@@ -252,7 +254,8 @@ def test_one_query_attention_matches_sdpa(rows: int, ours: bool, monkeypatch: py
     if ours and not torch.cpu._is_avx512_supported():
         pytest.skip("our decode attention op needs AVX-512")
     monkeypatch.setattr(attention, "_native", [])
-    assert attention.use_native(ours) is ours
+    monkeypatch.setattr(attention, "_bf16_matmuls", [])
+    assert attention.use_native(ours) is ours and attention.use_bf16_matmuls(bf16_matmuls) is bf16_matmuls
     module = nn.Module()
     module.num_key_value_groups, module.is_causal = 3, True
     query = torch.randn(rows, 9, 1, 64)
