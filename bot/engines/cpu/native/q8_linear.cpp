@@ -111,11 +111,14 @@ QB_TARGET Quantized quantize(const T* x, int64_t M, int64_t K, int64_t group_siz
   return q;
 }
 
-QB_TARGET inline __m512i broadcast4(const int8_t* p) {
+// Four activation codes as one int32, for a broadcast to every lane.
+inline int32_t four_codes(const int8_t* p) {
   int32_t v;
   __builtin_memcpy(&v, p, 4);
-  return _mm512_set1_epi32(v);
+  return v;
 }
+
+QB_TARGET inline __m512i broadcast4(const int8_t* p) { return _mm512_set1_epi32(four_codes(p)); }
 
 // R rows (from row m0) times one tile of int4 weights: y[m, 16 t .. 16 t + 16]. Per group and row, the float work is
 // four instructions beside the group's eight VPDPBUSD (it was nine, with scalar sums, and took longer than they did).
@@ -220,11 +223,7 @@ QB_AVX2 inline void store8(Out* p, __m256 v) {
   for (int i = 0; i < 8; ++i) p[i] = static_cast<Out>(f[i]);  // bf16: rounded to nearest even, as torch rounds
 }
 
-QB_AVX2 inline __m256i broadcast4_avx2(const int8_t* p) {
-  int32_t v;
-  __builtin_memcpy(&v, p, 4);
-  return _mm256_set1_epi32(v);
-}
+QB_AVX2 inline __m256i broadcast4_avx2(const int8_t* p) { return _mm256_set1_epi32(four_codes(p)); }
 
 // R rows (from row m0) times one tile of int4 weights, 8 outputs (half h of the tile's 16) at a time.
 template <int R, typename Out>
