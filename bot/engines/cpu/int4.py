@@ -117,8 +117,8 @@ class Q8Int4Linear(NativeInt4Linear):
     tiles of 16 outputs. Its per-group terms are torch's own, bf16 scales and zeros ``[N / 16, groups, 16]`` with
     W = (code - 8) * scale + zero, so both kernels hold the same W to the bit in as many bytes (an offset rounded to
     bf16 moved outputs by up to 3% of their peak on the real builds) (``native/q8_linear.cpp``). 8 rows measured
-    ~2x faster than torch's int4 kernel on a 2-core Zen 4, and one row a little faster; on an AVX2-only EPYC, 8 rows
-    ~2.3x faster than torch's and our fp32 kernel, one row 1.4-1.9x faster than the fp32 one."""
+    ~2x faster than torch's int4 kernel on a 2-core Zen 4, and one row a little faster; on an AVX2-only EPYC (quiet,
+    120 layers), 8 rows ~1.9x torch's and ~1.7x our fp32 kernel, one row ~1.5x the fp32 one."""
 
     GROUP_TERM = "zeros"
     EIGHT_BIT_ACTIVATIONS = True  # what it multiplies is x rounded to int8 (see rounded_like)
