@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 from torch import nn
@@ -117,12 +119,25 @@ def q8_activations(x: torch.Tensor) -> torch.Tensor:
 @pytest.mark.skipif(not q8_int4_runs_here(), reason="the 8-bit-activation kernel needs AVX512-VNNI or AVX2")
 @pytest.mark.parametrize("group_size", [32, 64, 128])
 @pytest.mark.parametrize("rows", [1, 3, 8, 13])
-def test_q8_kernel_computes_the_dequantized_matmul_on_8_bit_activations(group_size: int, rows: int) -> None:
+@pytest.mark.parametrize("path", ["this CPU's", "AVX2"])
+def test_q8_kernel_computes_the_dequantized_matmul_on_8_bit_activations(group_size: int, rows: int,
+                                                                         path: str) -> None:
     """quantbot::int4_linear_q8 equals (each row rounded to int8 per 32 inputs) @ (code * scale + offset)^T, for one
     row, a pass of fewer than 4, a full pass of 8 (VNNI; two of 4 on AVX2) and more (8 + 5); a row's output does
-    not depend on the batch it is in (so a reply decoded in a batch computes what it would alone)."""
+    not depend on the batch it is in (so a reply decoded in a batch computes what it would alone). Both the path
+    this CPU takes and the AVX2 one (what AVX2-only CPUs run, forced where the CPU has VNNI)."""
     ops = native.kernels()
     assert ops is not None
+    if path == "AVX2" and not native.cpu_capability()[1]:
+        pytest.skip("not an AVX2 CPU")
+    with native.avx2_only() if path == "AVX2" else contextlib.nullcontext():
+        check_q8_int4_kernel(ops, group_size, rows)
+        if path == "AVX2":  # the switch took: the head's VNNI-only kernel refuses
+            with pytest.raises(RuntimeError, match="VNNI"):
+                ops.int8_linear_q8(torch.zeros(1, 32), torch.zeros(1, 8, 64, dtype=torch.uint8), torch.zeros(1, 1, 16))
+
+
+def check_q8_int4_kernel(ops, group_size: int, rows: int) -> None:  # noqa: ANN001 - torch.ops.quantbot
     torch.manual_seed(group_size + rows)
     n, k = 208, 256
     codes = torch.randint(0, 16, (n, k), dtype=torch.uint8)

@@ -10,9 +10,11 @@ returns None and :func:`build_error` says why (the engine's kernel report turns 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +51,19 @@ def cpu_capability() -> tuple[str, bool]:
 
     capability = torch.backends.cpu.get_cpu_capability()
     return capability, capability in AVX2_CAPABLE
+
+
+@contextlib.contextmanager
+def avx2_only() -> Iterator[None]:
+    """The 8-bit-activation kernels on their AVX2 path even where the CPU has AVX512-VNNI, so that a test covers the
+    path of AVX2-only CPUs on any x86-64 host (the head's VNNI-only kernel refuses meanwhile)."""
+    ops = kernels()
+    assert ops is not None, "our kernels did not build"
+    previous = ops.q8_avx2_only(True)
+    try:
+        yield
+    finally:
+        ops.q8_avx2_only(previous)
 
 
 def _build() -> Any | None:

@@ -28,6 +28,7 @@
 #include <c10/util/BFloat16.h>
 #include <torch/library.h>
 
+#include <atomic>
 #include <cfloat>
 #include <cmath>
 #include <vector>
@@ -46,8 +47,12 @@ constexpr int MAX_ROWS = 8;        // rows one pass keeps in registers
 constexpr int AVX2_MAX_ROWS = 4;   // the same with 16 registers
 constexpr int64_t TILES_PER_TASK = 4;
 
+// Set by quantbot::q8_avx2_only: the AVX2 path on a VNNI CPU too, so that tests cover both paths on either host.
+std::atomic<bool> avx2_only{false};
+
 bool vnni_here() {
 #if defined(__x86_64__)
+  if (avx2_only.load(std::memory_order_relaxed)) return false;
   __builtin_cpu_init();
   return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
@@ -418,9 +423,13 @@ at::Tensor int4_q8_weight(const at::Tensor& qweight, const at::Tensor& scales, c
   return w;
 }
 
+// Whether the kernels take their AVX2 path even where the CPU has VNNI; returns the previous setting.
+bool q8_avx2_only(bool on) { return avx2_only.exchange(on); }
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(quantbot, m) {
+  m.def("q8_avx2_only(bool on) -> bool", &q8_avx2_only);
   m.def("int4_linear_q8(Tensor x, Tensor qweight, Tensor scales, Tensor zeros, int group_size) -> Tensor");
   m.def("int8_linear_q8(Tensor x, Tensor qweight, Tensor scales) -> Tensor");
   m.def("int4_q8_weight(Tensor qweight, Tensor scales, Tensor zeros, int group_size) -> Tensor");
