@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -143,8 +144,10 @@ def test_conversation_longer_than_the_context_is_refused_politely() -> None:
 
 
 @pytest.mark.slow
-def test_a_failing_compiler_falls_back_to_eager_decoding(monkeypatch: pytest.MonkeyPatch) -> None:
-    """No C++ compiler (a slim container), an op inductor cannot lower: the model still loads and answers."""
+def test_a_failing_compiler_falls_back_to_eager_decoding(monkeypatch: pytest.MonkeyPatch,
+                                                         caplog: pytest.LogCaptureFixture) -> None:
+    """No C++ compiler (a slim container), an op inductor cannot lower: the model still loads and answers, and its
+    load line says how long the load took and where the time went (an eager warm-up, not a compile)."""
     import torch
 
     def broken_compile(fn: object, **kwargs: object) -> object:
@@ -156,9 +159,15 @@ def test_a_failing_compiler_falls_back_to_eager_decoding(monkeypatch: pytest.Mon
     prepare(SHARED_BUILDS, ["gptq"])
     settings = settings_for(SHARED_BUILDS, torch_compile="on")
     eng = create_engine(settings.profiles["smollm2-gptq"], settings)
-    eng.load()
+    with caplog.at_level("INFO", logger="bot.engines.transformers_engine"):
+        eng.load()
     try:
         assert eng.loaded and not eng.compiled
+        line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("loaded smollm2-gptq"))
+        total, phases = re.search(r" in ([\d.]+) s \((.*)\)$", line).groups()  # type: ignore[union-attr]
+        seconds = dict((name, float(value)) for name, value in (p.rsplit(" ", 1) for p in phases.split(", ")))
+        assert list(seconds) == ["weights", "kernels", "warm-up"], line
+        assert abs(sum(seconds.values()) - float(total)) <= 0.2 and float(total) > 0, line
         assert eng.model.config._attn_implementation == "sdpa"  # the compile-only attention is undone too
         assert on_the_subject(eng.chat(FRANCE, GREEDY))
     finally:

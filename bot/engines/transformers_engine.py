@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -227,6 +228,7 @@ class TransformersEngine(Engine):
         path = self.model_path()
         if not (path / "config.json").is_file():
             raise EngineError(missing_files_message(self.profile, path))
+        started = time.perf_counter()
         # GPTQModel 7.6 sizes its CPU pool to (cores+1)//2 and fails on 2 cores; see bot.models.prepare.
         os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(max(2, (os.cpu_count() or 2) // 2)))
         use_model_caches(self.settings.models_dir)
@@ -256,17 +258,28 @@ class TransformersEngine(Engine):
         self._context_length = context_length(self.profile.context_length, configured, self.settings.max_context)
         self._eos_ids = self._end_of_turn_ids()
         self._special_ids = frozenset(tokenizer.all_special_ids) | frozenset(self._eos_ids)
+        # Where a load's time goes differs by CPU by 10x and more (repacking and load-time kernel races, compiling):
+        # the log line says, so a slow /model switch can be traced to its phase.
+        phases: dict[str, float] = {}
+
+        def lap(phase: str) -> None:
+            phases[phase] = time.perf_counter() - started - sum(phases.values())
+
+        lap("weights")
         if model.device.type == "cpu":
             from bot.engines import cpu
 
             cpu.prepare_model(model, native=self.settings.cpu_kernels != "off", max_batch=self.max_batch)
+            lap("kernels")
         self._decode_step = self._compile_decode_step()
         self.scheduler = self._new_scheduler()
         self._warm_up()
+        lap("compile + warm-up" if self.compiled else "warm-up")
         self.kernel_report = self.describe_kernels()
         kernel_report.log_report(self.kernel_report)
-        log.info("loaded %s (%s) on %s, dtype %s, context %d", self.name, self.profile.format, model.device,
-                 model.dtype, self._context_length)
+        log.info("loaded %s (%s) on %s, dtype %s, context %d, in %.1f s (%s)", self.name, self.profile.format,
+                 model.device, model.dtype, self._context_length, sum(phases.values()),
+                 ", ".join(f"{phase} {seconds:.1f}" for phase, seconds in phases.items()))
 
     def _from_pretrained(self, path: Path, backend: str | None, on_gpu: bool) -> Any:
         """One load attempt with one GPTQModel backend: a quantized model whole on GPU 0 (after checking it fits),
