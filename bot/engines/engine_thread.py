@@ -1,10 +1,12 @@
-"""The one thread that runs every torch operation of the process: load, warm-up, prefill, decode, unload.
+"""The one thread that runs every torch and llama.cpp operation of the process: load, warm-up, prefill, decode,
+unload.
 
 Why one: on a 2-core CPU the compiled GPTQ decode runs at 62-71 tok/s while only one thread has run torch ops;
 once a second thread runs a decode, every thread drops to 30-39 tok/s for the rest of the process (OpenMP keeps a
 spinning worker team per calling thread). So the queue's worker threads only wait on this thread, and the batch
-scheduler (:mod:`bot.engines.batching`) runs its loop here. Shared by all local torch engines, so a model switch
-does not start a second torch thread either.
+scheduler (:mod:`bot.engines.batching`) runs its loop here. Shared by all local engines, so a model switch
+does not start a second OpenMP team either: llama.cpp's decode, on the queue's worker threads, had halved the same
+way (90 tokens/s on one worker, 45-54 once a second worker or a torch model had run).
 """
 
 from __future__ import annotations
