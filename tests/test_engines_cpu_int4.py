@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import time
 
 import pytest
 import torch
@@ -10,12 +11,15 @@ from torch import nn
 
 from bot.engines.cpu import native
 from bot.engines.cpu.int4 import (
+    TIMING_CALLS,
+    TIMING_ROUNDS,
     NativeInt4Linear,
     PackedInt4Linear,
     Q8Int4Linear,
     SharedInputHead,
     SharedInputTail,
     by_tile,
+    call_seconds,
     choose_dense_rows,
     nibble_pack,
     q8_int4_runs_here,
@@ -243,6 +247,49 @@ def test_prompts_unpack_from_the_size_the_timing_at_load_picks(dense_faster_from
     layers = [m for m in attn.modules() if isinstance(m, PackedInt4Linear)]
     assert layers and all(m.dense_from == chosen for m in layers)
     assert attn.quantbot_dense_prompts["from_rows"] == chosen
+
+
+class SlowLayer(nn.Module):
+    """A candidate of the race at load that takes `seconds` a call."""
+
+    in_features = 8
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__()
+        self.seconds, self.calls = seconds, 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        time.sleep(self.seconds)
+        return x
+
+
+def test_a_slow_candidate_of_the_race_at_load_is_timed_in_a_few_calls() -> None:
+    """Without bf16 hardware an unpacked weight's matmul took 180 ms a call at 512 rows. Timed 25 times at each of
+    six prompt sizes, it made every load on an AVX2 host 86 s longer (a model switch, each test's load)."""
+    slow, quick = SlowLayer(0.15), SlowLayer(0.0)
+    assert call_seconds(slow, 4, torch.bfloat16) >= 0.15
+    assert slow.calls <= 3  # the warm-up call and one or two timed
+    call_seconds(quick, 4, torch.bfloat16)
+    assert quick.calls == 1 + TIMING_ROUNDS * TIMING_CALLS  # a quick one is timed in full
+
+
+def test_a_hopeless_unpacking_stops_the_probes_at_the_first_size(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without bf16 hardware the unpacked weight ran 150x slower than the int4 kernel at every size (57 ms at 16 rows,
+    1.7 s at 512 on a 576 x 1536 layer): more probes could only cost the load seconds."""
+    from bot.engines.cpu import int4 as cpu_int4
+
+    probed: list[int] = []
+
+    def seconds(layer: nn.Module, rows: int, dtype: torch.dtype) -> float:
+        probed.append(rows)
+        return 0.35e-3 * rows / 16 if layer.dense_from is None else 57e-3 * rows / 16
+
+    monkeypatch.setattr(cpu_int4, "call_seconds", seconds)
+    attn = Attention(act_order=False)
+    streamline(attn, native=False)
+    assert choose_dense_rows(attn, torch.bfloat16) is None
+    assert probed == [16, 16]  # int4 and the unpacked weight, at the first size only
 
 
 def test_an_unpacking_that_disagrees_with_torchs_kernel_is_not_used(monkeypatch: pytest.MonkeyPatch,

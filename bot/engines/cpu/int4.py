@@ -34,6 +34,9 @@ CHECK_TOLERANCE = 2e-2  # relative max error allowed against the original layer 
 NATIVE_BLOCK = 64  # inputs per packed block of our kernel (groups: 32 or multiples of 64)
 Q8_TILE, Q8_BLOCK = 16, 32  # outputs per tile of the 8-bit-activation kernel; inputs per activation scale
 TIMING_ROUNDS, TIMING_CALLS = 3, 8  # the kernel race at load: best of 3 rounds of 8 calls per batch size
+# ... or fewer, once a candidate has taken this long: without bf16 hardware an unpacked weight's bf16 matmul took
+# 180 ms a call at 512 rows, and 25 calls of each probe made an AVX2 host's every load 86 s longer
+TIMING_BUDGET_S = 0.25
 # Prompt sizes (rows) at which unpacking a weight to bf16 for one matmul races torch's int4 kernel at load; measured
 # here the unpacking wins from 24-32 rows (245 rows: 0.9 against 5.6 ms on a 576 x 3072 layer).
 # The 8-bit-activation kernel keeps pace with the unpacking far longer (measured 1.4 against 1.7 ms at 128 rows, 6.6
@@ -223,18 +226,23 @@ def _q8(packed: PackedInt4Linear) -> Q8Int4Linear:
 
 
 def call_seconds(layer: nn.Module, rows: int, dtype: torch.dtype) -> float:
-    """How long one call of `layer` takes for `rows` input rows here (best of a few rounds)."""
+    """How long one call of `layer` takes for `rows` input rows here (best of a few rounds, within a time budget)."""
     import time
 
     x = torch.randn(rows, int(layer.in_features), dtype=dtype)
     best = float("inf")
     with torch.inference_mode():
         layer(x)
+        deadline = time.perf_counter() + TIMING_BUDGET_S
         for _ in range(TIMING_ROUNDS):
             start = time.perf_counter()
-            for _ in range(TIMING_CALLS):
+            for calls in range(1, TIMING_CALLS + 1):
                 layer(x)
-            best = min(best, (time.perf_counter() - start) / TIMING_CALLS)
+                if time.perf_counter() > deadline:  # a slow candidate: one call says enough
+                    break
+            best = min(best, (time.perf_counter() - start) / calls)
+            if time.perf_counter() > deadline:
+                break
     return best
 
 
@@ -454,6 +462,8 @@ def choose_dense_rows(model: nn.Module, dtype: torch.dtype) -> int | None:
         if seconds["dense"][rows] < DENSE_MARGIN * seconds["int4"][rows]:
             chosen = rows
             break
+        if seconds["dense"][rows] > DENSE_MARGIN * seconds["int4"][rows] * DENSE_PROBE_ROWS[-1] / rows:
+            break  # hopeless: an int4 time growing in proportion to the rows would not reach it by the last size
     for layer in layers:
         layer.dense_from = chosen
     model.quantbot_dense_prompts = {"from_rows": chosen, "seconds": seconds}  # type: ignore[assignment]
