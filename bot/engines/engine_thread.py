@@ -22,7 +22,7 @@ from typing import TypeVar
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-THREAD_NAME = "torch-engine"
+THREAD_NAME = "engine"
 
 
 class EngineThread:
@@ -44,6 +44,8 @@ class EngineThread:
     def submit(self, fn: Callable[[], T]) -> Future[T]:
         """Run `fn` on the thread; its result (or exception) arrives in the future."""
         future: Future[T] = Future()
+        if not self._thread.is_alive():  # stopped at exit: a call would wait forever
+            raise RuntimeError("the engine thread has stopped")
         if self.on_thread():  # a call from the thread itself runs at once (waiting on itself would deadlock)
             _run(fn, future)  # type: ignore[arg-type]
         else:
@@ -60,6 +62,9 @@ class EngineThread:
             try:
                 fn, future = self._inbox.get_nowait()
             except queue.Empty:
+                return
+            if fn is _STOP:  # for the serving loop, once the long call has returned
+                self._inbox.put((fn, future))
                 return
             _run(fn, future)
 
@@ -95,7 +100,7 @@ _shared_lock = threading.Lock()
 
 
 def shared() -> EngineThread:
-    """The process's torch thread, started on first use."""
+    """The process's engine thread (torch and llama.cpp), started on first use."""
     global _shared
     with _shared_lock:
         if _shared is None:

@@ -88,6 +88,7 @@ class LlamaCppEngine(Engine):
         meta = llama.metadata
         template = meta.get("tokenizer.chat_template")
         if not template:
+            self.thread.call(llama.close)  # freed where it was made, not by the garbage collector's thread
             raise EngineError(f"model {self.name!r} ({path.name}) has no chat template in its GGUF metadata")
 
         def token_text(key: str) -> str:

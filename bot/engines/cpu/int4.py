@@ -35,14 +35,20 @@ NATIVE_BLOCK = 64  # inputs per packed block of our kernel (groups: 32 or multip
 Q8_TILE, Q8_BLOCK = 16, 32  # outputs per tile of the 8-bit-activation kernel; inputs per activation scale
 TIMING_ROUNDS, TIMING_CALLS = 3, 8  # the kernel race at load: best of 3 rounds of 8 calls per batch size
 # ... or fewer, once a candidate has taken this long: without bf16 hardware an unpacked weight's bf16 matmul took
-# 180 ms a call at 512 rows, and 25 calls of each probe made an AVX2 host's every load 86 s longer
+# 57 ms a call at 16 rows and 1.7 s at 512, and 25 calls of each probe made an (emulated) AVX2 host's every load 86 s
+# longer
 TIMING_BUDGET_S = 0.25
 # Prompt sizes (rows) at which unpacking a weight to bf16 for one matmul races torch's int4 kernel at load; measured
 # here the unpacking wins from 24-32 rows (245 rows: 0.9 against 5.6 ms on a 576 x 3072 layer).
 # The 8-bit-activation kernel keeps pace with the unpacking far longer (measured 1.4 against 1.7 ms at 128 rows, 6.6
-# against 5.2 at 512), hence the larger sizes.
+# against 5.2 at 512; since the kernel's VNNI work it wins at every size on a Zen 4, 4.7 against 8.0 ms at 512),
+# hence the larger sizes.
 DENSE_PROBE_ROWS = (16, 32, 64, 128, 256, 512)
 DENSE_MARGIN = 0.85  # ... where it is clearly faster: near the crossover a 35-token prompt measured 10% slower
+# The probes stop where the unpacking is this many times further behind than an int4 time growing in proportion to
+# the rows could make up by the last size: the int4 time grew up to 1.45x faster than that (2.9x from 256 to 512
+# rows), and without bf16 hardware the unpacking was 115-190x behind at every size
+DENSE_HOPELESS = 4.0
 
 
 class PackedInt4Linear(nn.Module):
@@ -432,7 +438,8 @@ def streamline(model: nn.Module, native: bool = True, rows: tuple[int, ...] | No
 def choose_dense_rows(model: nn.Module, dtype: torch.dtype) -> int | None:
     """From how many input rows (prompt tokens x prompts) the model's int4 layers on torch's kernel (or on our q8 one)
     unpack their weight to bf16 for one matmul: the fewest of :data:`DENSE_PROBE_ROWS` at which that clearly beats
-    their int4 kernel on the model's widest layer, timed here at load; every layer then follows it. None: never, or
+    their int4 kernel on the model's widest layer, timed here at load (the larger sizes skipped where the unpacking
+    is hopelessly behind); every layer then follows it. None: never, or
     our kernels did not build, or the unpacked weight disagrees with the int4 kernel. Prompts only: a compiled decode
     step never takes it. Kept in ``model.quantbot_dense_prompts``."""
     from bot.engines.cpu.native import kernels
@@ -462,8 +469,8 @@ def choose_dense_rows(model: nn.Module, dtype: torch.dtype) -> int | None:
         if seconds["dense"][rows] < DENSE_MARGIN * seconds["int4"][rows]:
             chosen = rows
             break
-        if seconds["dense"][rows] > DENSE_MARGIN * seconds["int4"][rows] * DENSE_PROBE_ROWS[-1] / rows:
-            break  # hopeless: an int4 time growing in proportion to the rows would not reach it by the last size
+        if seconds["dense"][rows] > DENSE_HOPELESS * DENSE_MARGIN * seconds["int4"][rows] * DENSE_PROBE_ROWS[-1] / rows:
+            break  # hopeless (DENSE_HOPELESS): the larger sizes would only cost the load seconds
     for layer in layers:
         layer.dense_from = chosen
     model.quantbot_dense_prompts = {"from_rows": chosen, "seconds": seconds}  # type: ignore[assignment]
