@@ -266,8 +266,9 @@ class SlowLayer(nn.Module):
 
 
 def test_a_slow_candidate_of_the_race_at_load_is_timed_in_a_few_calls() -> None:
-    """Without bf16 hardware an unpacked weight's matmul took 180 ms a call at 512 rows. Timed 25 times at each of
-    six prompt sizes, it made every load on an AVX2 host 86 s longer (a model switch, each test's load)."""
+    """Without bf16 hardware an unpacked weight's matmul took 57 ms a call at 16 rows and 1.7 s at 512. Timed 25 times
+    at each of six prompt sizes, it made every load on an (emulated) AVX2 host 86 s longer (a model switch, each
+    test's load)."""
     slow, quick = SlowLayer(0.15), SlowLayer(0.0)
     assert call_seconds(slow, 4, torch.bfloat16) >= 0.15
     assert slow.calls <= 3  # the warm-up call and one or two timed
