@@ -23,6 +23,7 @@ COMMANDS: dict[tuple[str, ...], str] = {
     ("bench", "engines"): "bot.bench.engines:cmd_bench_engines",
     ("bench", "concurrency"): "bot.bench.concurrency:cmd_bench_concurrency",
     ("bench", "pipeline"): "bot.bench.pipeline:cmd_bench_pipeline",
+    ("bench", "batching"): "bot.bench.batching:cmd_bench_batching",
     ("bench", "telegram"): "bot.bench.telegram:cmd_bench_telegram",
 }
 
@@ -69,11 +70,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="benchmarks (print a table, write JSON)").add_subparsers(
         dest="bench_command", required=True)
-    for name in ("engines", "concurrency", "pipeline", "telegram"):
+    for name in ("engines", "concurrency", "pipeline", "telegram", "batching"):
         b = bench.add_parser(name)
         b.add_argument("--out", default=None, help="JSON output path")
         b.add_argument("--quick", action="store_true", help="fewer prompts and tokens")
-        if name in ("engines", "concurrency"):
+        if name in ("engines", "concurrency", "batching"):
             b.add_argument("--models", default=None, help="comma-separated model names (default: every local build; "
                                                           "concurrency: the GPTQ and AWQ builds)")
     return parser
