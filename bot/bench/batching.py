@@ -20,10 +20,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from bot.bench.concurrency import QUESTIONS
+from bot.bench.concurrency import QUESTIONS, built_models
 from bot.bench.engines import load_engine
 from bot.engines import CancelToken, ChatMessage, GenerationParams, StreamStats
-from bot.models.catalog import profile_files_present
 
 if TYPE_CHECKING:
     from bot.config import Settings
@@ -152,11 +151,8 @@ def print_table(results: list[ModelResult]) -> None:
 def cmd_bench_batching(args: argparse.Namespace, settings: Settings) -> int:
     batches = QUICK_BATCHES if args.quick else BATCHES
     max_new = QUICK_MAX_NEW_TOKENS if args.quick else MAX_NEW_TOKENS
-    wanted = [n.strip() for n in (args.models.split(",") if args.models else DEFAULT_MODELS) if n.strip()]
-    names = [n for n in wanted if n in settings.profiles
-             and profile_files_present(settings.profiles[n], settings.models_dir)]
+    names = built_models(settings, args.models, DEFAULT_MODELS)
     if not names:
-        print(f"none of {', '.join(wanted)} is built; run `python -m bot models prepare` first")
         return 1
     settings = settings.model_copy(update={"max_batch": max(settings.max_batch, max(batches))})
     results = [bench_model(settings, name, batches, max_new) for name in names]

@@ -310,14 +310,21 @@ def print_row(s: Scenario, results: list[Scenario], flush: bool = False) -> None
           f"{s.peak_rss_delta_mb:>7.0f} {s.failed:>6}", flush=flush)
 
 
-def cmd_bench_concurrency(args: argparse.Namespace, settings: Settings) -> int:
-    chats = QUICK_CHATS if args.quick else CHATS
-    max_new = QUICK_MAX_NEW_TOKENS if args.quick else MAX_NEW_TOKENS
-    wanted = [n.strip() for n in (args.models.split(",") if args.models else DEFAULT_MODELS) if n.strip()]
+def built_models(settings: Settings, requested: str | None, defaults: tuple[str, ...]) -> list[str]:
+    """The comma-separated builds asked for (or `defaults`) that are built; says so when none is."""
+    wanted = [n.strip() for n in (requested.split(",") if requested else defaults) if n.strip()]
     names = [n for n in wanted if n in settings.profiles and profile_files_present(settings.profiles[n],
                                                                                     settings.models_dir)]
     if not names:
         print(f"none of {', '.join(wanted)} is built; run `python -m bot models prepare` first")
+    return names
+
+
+def cmd_bench_concurrency(args: argparse.Namespace, settings: Settings) -> int:
+    chats = QUICK_CHATS if args.quick else CHATS
+    max_new = QUICK_MAX_NEW_TOKENS if args.quick else MAX_NEW_TOKENS
+    names = built_models(settings, args.models, DEFAULT_MODELS)
+    if not names:
         return 1
     settings = settings.model_copy(update={"max_batch": max(settings.max_batch, max(chats))})
     results: list[Scenario] = []
